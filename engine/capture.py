@@ -1,0 +1,142 @@
+"""Capture any set of sites at any set of layers in ONE forward pass, with forward hooks.
+
+Sites (per decoder layer ``i``):
+
+- ``resid_pre``  residual stream entering layer i (``resid_pre`` of layer 0 is the embedding output)
+- ``resid_mid``  ``resid_pre + attn_out`` (for parallel-residual models this is a partial sum)
+- ``resid_post`` residual stream leaving layer i (pre final norm, also for the last layer)
+- ``attn_out``   what the attention branch adds to the residual
+- ``mlp_out``    what the MLP branch adds to the residual
+- ``mlp_hidden`` the MLP's hidden activation (input of its output projection)
+
+Hooks are always removed, also when the forward pass raises. When every requested site is
+captured before the last layer, the pass stops there (``stop_early``) and skips the rest.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+
+import torch
+
+from .anatomy import Anatomy
+from .errors import UserError
+
+SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_hidden")
+
+
+class CaptureError(UserError):
+    pass
+
+
+class _Stop(Exception):
+    """Raised inside a hook once everything wanted is captured."""
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _hidden_arg(args, kwargs):
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    return next(iter(kwargs.values()))
+
+
+def normalize_sites(sites: Mapping[str, Iterable[int] | str], n_layers: int) -> dict[str, list[int]]:
+    """``{"resid_post": "all"}`` or ``{"attn_out": [3, 4]}`` -> validated ``{site: sorted layers}``."""
+    out: dict[str, list[int]] = {}
+    for site, layers in sites.items():
+        if site not in SITES:
+            raise CaptureError(f"unknown site '{site}'; choose from {', '.join(SITES)}")
+        chosen = list(range(n_layers)) if layers == "all" else sorted({int(i) for i in layers})
+        bad = [i for i in chosen if not 0 <= i < n_layers]
+        if bad:
+            raise CaptureError(f"layer {bad[0]} does not exist: this model has layers 0..{n_layers - 1}")
+        out[site] = chosen
+    return out
+
+
+@contextmanager
+def hooked(anatomy: Anatomy, sites: Mapping[str, list[int]], sink: dict, stop_early: bool = True):
+    """Install capture hooks; captured tensors land in ``sink[(site, layer)]`` (detached)."""
+    wanted = dict(sites)
+    if "resid_mid" in wanted:
+        for site in ("resid_pre", "attn_out"):
+            wanted[site] = sorted(set(wanted.get(site, [])) | set(wanted["resid_mid"]))
+    last_needed = max((max(ls) for ls in wanted.values() if ls), default=-1)
+    handles = []
+
+    def save_input(key):
+        def hook(module, args, kwargs):
+            sink[key] = _hidden_arg(args, kwargs).detach()
+        return hook
+
+    def save_input_plain(key):
+        def hook(module, args):
+            sink[key] = args[0].detach()
+        return hook
+
+    def stopper(module, args, output):
+        raise _Stop
+
+    def save_output(key):
+        def hook(module, args, output):
+            sink[key] = _first(output).detach()
+        return hook
+
+    output_of = {"resid_post": lambda i: anatomy.layers[i], "attn_out": anatomy.attn_branch,
+                 "mlp_out": anatomy.mlp_branch}
+    try:
+        for site, layers in wanted.items():
+            for i in layers:
+                key = (site, i)
+                if site == "resid_pre":
+                    handles.append(anatomy.layers[i].register_forward_pre_hook(save_input(key), with_kwargs=True))
+                elif site == "mlp_hidden":
+                    handles.append(anatomy.mlp_out_proj(i).register_forward_pre_hook(save_input_plain(key)))
+                elif site in output_of:
+                    handles.append(output_of[site](i).register_forward_hook(save_output(key)))
+        if stop_early and 0 <= last_needed < anatomy.n_layers - 1:
+            handles.append(anatomy.layers[last_needed].register_forward_hook(stopper))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_forward(model, **inputs):
+    """Forward pass that treats an early stop as success; returns the model output or None."""
+    try:
+        with torch.inference_mode():
+            return model(**inputs, use_cache=False)
+    except _Stop:
+        return None
+
+
+def capture(anatomy: Anatomy, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            sites: Mapping[str, Iterable[int] | str] | None = None, stop_early: bool = True):
+    """One forward pass; returns ``(captured, output)``.
+
+    ``captured[site]`` is a tensor ``[n_layers_requested, batch, seq, width]`` in layer order,
+    ``output`` the model output (``None`` if the pass stopped early).
+    """
+    model = anatomy.model
+    chosen = normalize_sites(sites or {"resid_post": "all"}, anatomy.n_layers)
+    sink: dict = {}
+    device = next(model.parameters()).device
+    inputs = {"input_ids": input_ids.to(device)}
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask.to(device)
+    with hooked(anatomy, chosen, sink, stop_early=stop_early):
+        output = run_forward(model, **inputs)
+    captured = {}
+    for site, layers in chosen.items():
+        if site == "resid_mid":
+            rows = [sink[("resid_pre", i)] + sink[("attn_out", i)] for i in layers]
+        else:
+            rows = [sink[(site, i)] for i in layers]
+        captured[site] = torch.stack(rows) if rows else torch.empty(0)
+    return captured, output

@@ -1,0 +1,63 @@
+"""``python -m engine ...``: the headless twin of the UI.
+
+Each topic lives in its own module with a ``register(subparsers)`` function that adds its
+sub-commands; a sub-command's handler takes the parsed arguments and returns an exit code.
+Bad input (:class:`engine.errors.UserError`) prints one line and exits 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from .errors import UserError
+
+COMMAND_MODULES = ["engine.cli_lens"]
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    from .models import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"embedded name, Hugging Face id, local folder or .gguf file (default {DEFAULT_MODEL})")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow model code from the hub to run (off by default)")
+
+
+def load_from_args(args):
+    from .models import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                      progress=lambda message: print(message, file=sys.stderr))
+
+
+def emit(payload, as_json: bool, text: str | None = None) -> None:
+    if as_json:
+        json.dump(payload, sys.stdout, ensure_ascii=False, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(text if text is not None else json.dumps(payload, ensure_ascii=False, indent=1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="Latent Explorer, headless.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is kept and the job can be resumed", file=sys.stderr)
+        return 130

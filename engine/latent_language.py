@@ -1,0 +1,165 @@
+"""The latent-language measurement of "Do Llamas Work in English?" (Wendler et al., 2024).
+
+Few-shot translation prompts (``Français: "fleur" - 中文: "花"`` lines, then the query word
+and an open quote) are read out with the lens at the last position of every layer. Per layer
+we record P(the answer's token in the target language) and P(the same concept's English
+token), and report the mean with a 95% confidence band across items.
+
+Only items whose answer is ONE token for the loaded tokenizer are kept, and items whose
+English token coincides with the answer token are dropped (the two curves would be the same).
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .capture import capture
+from .errors import UserError
+from .lens import Transform
+from .prompt_sets import CONCEPTS, LANGUAGES
+
+
+class LatentLanguageError(UserError):
+    pass
+
+
+@dataclass
+class Item:
+    concept: str
+    prompt: str
+    answer: str
+    english: str
+    answer_id: int
+    english_ids: list[int]
+
+
+@dataclass
+class FilterReport:
+    total: int = 0
+    kept: int = 0
+    answer_not_single_token: int = 0
+    english_overlaps_answer: int = 0
+    dropped: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"total": self.total, "kept": self.kept, "answer_not_single_token": self.answer_not_single_token,
+                "english_overlaps_answer": self.english_overlaps_answer}
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def english_token_ids(tokenizer, word: str) -> list[int]:
+    """First tokens of the English word as it could start: bare, after a space, capitalised."""
+    variants = {word, " " + word, word.capitalize(), " " + word.capitalize()}
+    return sorted({_ids(tokenizer, v)[0] for v in variants if _ids(tokenizer, v)})
+
+
+def build_items(tokenizer, source: str, target: str, n_shots: int = 5, seed: int = 0,
+                concepts: Sequence[dict] = CONCEPTS) -> tuple[list[Item], FilterReport]:
+    for code in (source, target):
+        if code not in LANGUAGES:
+            raise LatentLanguageError(f"Unknown language '{code}'; choose from {', '.join(LANGUAGES)}.")
+    if source == target:
+        raise LatentLanguageError("Source and target language are the same; pick two different languages.")
+    rng = random.Random(seed)
+    src_name, tgt_name = LANGUAGES[source], LANGUAGES[target]
+    report = FilterReport(total=len(concepts))
+    items = []
+    for index, concept in enumerate(concepts):
+        answer = concept[target]
+        answer_ids = _ids(tokenizer, answer)
+        if len(answer_ids) != 1:
+            report.answer_not_single_token += 1
+            report.dropped.append(concept["concept"])
+            continue
+        english = concept["en"]
+        english_ids = english_token_ids(tokenizer, english)
+        if target != "en" and answer_ids[0] in english_ids:
+            report.english_overlaps_answer += 1
+            report.dropped.append(concept["concept"])
+            continue
+        others = [c for j, c in enumerate(concepts) if j != index]
+        shots = rng.sample(others, min(n_shots, len(others)))
+        lines = [f'{src_name}: "{c[source]}" - {tgt_name}: "{c[target]}"' for c in shots]
+        lines.append(f'{src_name}: "{concept[source]}" - {tgt_name}: "')
+        items.append(Item(concept["concept"], "\n".join(lines), answer, english, answer_ids[0], english_ids))
+    report.kept = len(items)
+    return items, report
+
+
+@dataclass
+class LatentLanguageResult:
+    source: str
+    target: str
+    layers: list[str]
+    target_probs: np.ndarray   # [items, rows]
+    english_probs: np.ndarray  # [items, rows]
+    report: FilterReport
+    concepts: list[str]
+    lens: str = "logit"
+
+    @staticmethod
+    def _band(values: np.ndarray) -> dict[str, list[float]]:
+        mean = values.mean(0)
+        half = 1.96 * values.std(0, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.zeros_like(mean)
+        return {"mean": mean.tolist(), "lo": (mean - half).clip(0, 1).tolist(), "hi": (mean + half).clip(0, 1).tolist()}
+
+    def summary(self) -> dict:
+        return {"source": self.source, "target": self.target, "lens": self.lens, "layers": self.layers,
+                "items": self.report.to_json(), "target_language": self._band(self.target_probs),
+                "english": self._band(self.english_probs)}
+
+
+def run_latent_language(lm, source: str = "fr", target: str = "zh", *, n_shots: int = 5, batch_size: int = 16,
+                        transform: Transform | None = None, lens_name: str = "logit", max_items: int | None = None,
+                        progress: Callable[[float], None] | None = None) -> LatentLanguageResult:
+    tokenizer, anatomy = lm.tokenizer, lm.anatomy
+    items, report = build_items(tokenizer, source, target, n_shots=n_shots)
+    if max_items:
+        items = items[:max_items]
+    if not items:
+        raise LatentLanguageError(
+            f"No item survives for {source}->{target}: no answer is a single token for this tokenizer "
+            f"({report.answer_not_single_token} multi-token answers, {report.english_overlaps_answer} same as English)."
+        )
+    n_rows = anatomy.n_layers + 1
+    hidden_index = list(range(n_rows))
+    target_probs, english_probs = [], []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        encoded = [tokenizer(item.prompt, add_special_tokens=True)["input_ids"] for item in batch]
+        width = max(map(len, encoded))
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(encoded):  # right padding: real tokens keep positions 0..n-1
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            mask[row, :len(ids)] = 1
+        last = torch.tensor([len(ids) - 1 for ids in encoded])
+        with lm.lock:
+            captured, _ = capture(anatomy, input_ids, mask, sites={"resid_pre": [0], "resid_post": "all"})
+            resid = torch.cat([captured["resid_pre"], captured["resid_post"]])  # [rows, B, T, d]
+            resid = resid[:, torch.arange(len(batch)), last.to(resid.device)]     # [rows, B, d]
+            with torch.inference_mode():
+                if transform is not None:
+                    resid = torch.stack([transform(i, resid[i]) for i in hidden_index])
+                probs = torch.softmax(anatomy.logits(resid).float(), dim=-1)    # [rows, B, V]
+                answer = torch.tensor([it.answer_id for it in batch], device=probs.device)
+                target_probs.append(probs.gather(-1, answer.expand(n_rows, -1)[..., None])[..., 0].T.cpu())
+                english = torch.zeros(len(batch), probs.shape[-1], device=probs.device)
+                for row, item in enumerate(batch):
+                    english[row, item.english_ids] = 1.0
+                english_probs.append((probs * english).sum(-1).T.cpu())
+        if progress:
+            progress(min(1.0, (start + len(batch)) / len(items)))
+    return LatentLanguageResult(
+        source=source, target=target, layers=["embed"] + [str(i) for i in range(anatomy.n_layers)],
+        target_probs=torch.cat(target_probs).numpy(), english_probs=torch.cat(english_probs).numpy(),
+        report=report, concepts=[it.concept for it in items], lens=lens_name,
+    )

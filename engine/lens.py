@@ -1,0 +1,252 @@
+"""Logit lens (and, through ``transform``, the tuned lens) at every layer and position.
+
+One forward pass captures the residual stream; every row (embeddings, optionally the
+mid-layer residual after each attention block, and each layer output) is read out through
+the model's own final norm and unembedding, in position chunks sized to a memory budget.
+Only small results (top-k ids and probabilities, entropy, KL, tracked-token probability and
+rank) leave the device.
+
+The last row is the last layer's output *before* the final norm, read out through the norm
+exactly once, so it reproduces the model's logits; :func:`run_lens` measures the difference.
+"""
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .anatomy import Anatomy
+from .capture import capture
+from .errors import UserError
+
+# (hidden-state index, resid) -> resid; hidden-state index 0 is the embedding output, i+1 layer i's output
+Transform = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class PromptError(UserError):
+    pass
+
+
+def check_prompt(text: str, tokenizer, context_length: int | None, max_tokens: int | None = None) -> list[int]:
+    """Validate a user prompt and return its token ids (with the tokenizer's special tokens)."""
+    if not isinstance(text, str) or not text.strip():
+        raise PromptError("The prompt is empty: type some text to look at.")
+    controls = sum(1 for ch in text if unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn") and ch not in "\n\t\r")
+    if "\x00" in text or controls > max(2, 0.05 * len(text)):
+        raise PromptError(
+            f"The prompt does not look like text ({controls} control or unassigned characters); "
+            "paste plain text instead."
+        )
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    limits = [limit for limit in (context_length, max_tokens) if limit]
+    if limits and len(ids) > min(limits):
+        limit = min(limits)
+        which = "the model's context limit" if limit == context_length else "the limit for this view"
+        raise PromptError(f"The prompt is {len(ids)} tokens long; {which} is {limit} tokens. Shorten it.")
+    return ids
+
+
+def tracked_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
+    """First token of each tracked string (as it would appear mid-text; ' Paris' keeps its space)."""
+    out = []
+    for word in words:
+        if not word:
+            continue
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise PromptError(f"The tracked token {word!r} encodes to nothing with this tokenizer.")
+        out.append(int(ids[0]))
+    return out
+
+
+@dataclass
+class LensResult:
+    token_ids: list[int]
+    tokens: list[str]                 # decoded input tokens
+    row_names: list[str]              # "embed", "0.attn", "0", ...
+    row_hidden_index: list[int | None]  # hidden-state index per row (None for mid-layer rows)
+    positions: list[int]              # which input positions the lens was computed for
+    top_ids: np.ndarray               # [rows, positions, k]
+    top_probs: np.ndarray             # [rows, positions, k]
+    top_tokens: list[list[list[str]]]  # decoded top_ids
+    entropy: np.ndarray               # [rows, positions] nats
+    kl_to_final: np.ndarray           # [rows, positions] KL(final || row), nats
+    tracked_ids: list[int] = field(default_factory=list)
+    tracked_labels: list[str] = field(default_factory=list)
+    tracked_probs: np.ndarray | None = None  # [rows, positions, n_tracked]
+    tracked_ranks: np.ndarray | None = None  # [rows, positions, n_tracked], 0 = top-1
+    self_check_max_abs_diff: float = float("nan")
+    lens: str = "logit"
+
+    def to_json(self) -> dict:
+        rows = []
+        for r, name in enumerate(self.row_names):
+            cells = []
+            for j, pos in enumerate(self.positions):
+                cell = {
+                    "position": pos,
+                    "input_token": self.tokens[pos],
+                    "top": [{"token": t, "id": int(i), "prob": float(p)} for t, i, p in
+                            zip(self.top_tokens[r][j], self.top_ids[r, j], self.top_probs[r, j])],
+                    "entropy": float(self.entropy[r, j]),
+                    "kl_to_final": float(self.kl_to_final[r, j]),
+                }
+                if self.tracked_ids:
+                    cell["tracked"] = {label: {"prob": float(self.tracked_probs[r, j, t]),
+                                               "rank": int(self.tracked_ranks[r, j, t])}
+                                       for t, label in enumerate(self.tracked_labels)}
+                cells.append(cell)
+            rows.append({"layer": name, "positions": cells})
+        return {"lens": self.lens, "tokens": self.tokens, "layers": rows,
+                "self_check_max_abs_diff": self.self_check_max_abs_diff}
+
+    def to_records(self) -> list[dict]:
+        """Flat rows (one per layer x position) for CSV export."""
+        records = []
+        for r, name in enumerate(self.row_names):
+            for j, pos in enumerate(self.positions):
+                rec = {"layer": name, "position": pos, "input_token": self.tokens[pos],
+                       "top1": self.top_tokens[r][j][0], "top1_prob": float(self.top_probs[r, j, 0]),
+                       "entropy": float(self.entropy[r, j]), "kl_to_final": float(self.kl_to_final[r, j])}
+                for t, label in enumerate(self.tracked_labels):
+                    rec[f"p[{label}]"] = float(self.tracked_probs[r, j, t])
+                    rec[f"rank[{label}]"] = int(self.tracked_ranks[r, j, t])
+                records.append(rec)
+        return records
+
+
+def _chunk_size(rows: int, vocab: int, positions: int, budget_bytes: int) -> int:
+    per_position = rows * vocab * 4 * 4  # logits, log-probs, probs and one temporary, fp32
+    return max(1, min(positions, budget_bytes // max(per_position, 1)))
+
+
+@torch.inference_mode()
+def lens_stats(anatomy: Anatomy, resid: torch.Tensor, *, top_k: int = 10, tracked_ids: Sequence[int] = (),
+               transform: Transform | None = None, row_hidden_index: Sequence[int | None] | None = None,
+               budget_bytes: int = 768 * 2**20) -> dict[str, torch.Tensor]:
+    """Lens statistics for residual rows ``resid [rows, positions, d]``; the LAST row is the reference.
+
+    Returns CPU tensors: top_ids/top_probs [rows, pos, k], entropy and kl_to_final [rows, pos],
+    tracked_probs / tracked_ranks [rows, pos, n_tracked], final_logits [pos, vocab] is not kept.
+    """
+    rows, positions, _ = resid.shape
+    vocab = anatomy.vocab_size
+    k = min(top_k, vocab)
+    tracked = torch.tensor(list(tracked_ids), dtype=torch.long, device=resid.device)
+    chunk = _chunk_size(rows, vocab, positions, budget_bytes)
+    pieces: dict[str, list[torch.Tensor]] = {n: [] for n in
+                                             ("top_ids", "top_probs", "entropy", "kl", "t_probs", "t_ranks")}
+    for start in range(0, positions, chunk):
+        h = resid[:, start:start + chunk]
+        if transform is not None and row_hidden_index is not None:
+            h = torch.stack([h[r] if idx is None else transform(idx, h[r])
+                             for r, idx in enumerate(row_hidden_index)])
+        logits = anatomy.logits(h).float()                       # [rows, c, V]
+        logp = torch.log_softmax(logits, dim=-1)
+        top_logp, top_ids = logp.topk(k, dim=-1)
+        probs = logp.exp()
+        entropy = -(probs * logp).sum(-1)
+        final_p, final_logp = probs[-1], logp[-1]
+        kl = (final_p * (final_logp - logp)).sum(-1).clamp_min(0)
+        pieces["top_ids"].append(top_ids.cpu())
+        pieces["top_probs"].append(top_logp.exp().cpu())
+        pieces["entropy"].append(entropy.cpu())
+        pieces["kl"].append(kl.cpu())
+        if len(tracked):
+            chosen = logits[..., tracked]                          # [rows, c, n]
+            ranks = torch.stack([(logits > chosen[..., t:t + 1]).sum(-1) for t in range(len(tracked))], -1)
+            pieces["t_probs"].append(probs[..., tracked].cpu())
+            pieces["t_ranks"].append(ranks.cpu())
+        del logits, logp, probs
+    out = {name: torch.cat(parts, dim=1) for name, parts in pieces.items() if parts}
+    return out
+
+
+def _row_plan(n_layers: int, sublayers: bool) -> tuple[list[str], list[int | None], list[tuple[str, int]]]:
+    """Row names, hidden-state indices, and where each row's residual comes from."""
+    names, hidden, source = ["embed"], [0], [("resid_pre", 0)]
+    for i in range(n_layers):
+        if sublayers:
+            names.append(f"{i}.attn")
+            hidden.append(None)
+            source.append(("resid_mid", i))
+        names.append(str(i))
+        hidden.append(i + 1)
+        source.append(("resid_post", i))
+    return names, hidden, source
+
+
+def _decode_tokens(tokenizer, ids) -> list[str]:
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
+def run_lens(lm, prompt: str | Sequence[int], *, top_k: int = 10, track: Sequence[str] = (),
+             sublayers: bool = False, transform: Transform | None = None, lens_name: str = "logit",
+             positions: Sequence[int] | None = None, max_tokens: int | None = None,
+             budget_bytes: int = 768 * 2**20) -> LensResult:
+    """Run the model once on ``prompt`` and read every layer out through the lens.
+
+    ``lm`` is a :class:`engine.models.LoadedModel` (anything with ``anatomy``, ``tokenizer``,
+    ``lock``, ``device`` and ``context_length``). ``positions`` restricts the read-out (not the
+    forward pass) to some input positions, e.g. the last 64 of a long prompt.
+    """
+    anatomy, tokenizer = lm.anatomy, lm.tokenizer
+    if isinstance(prompt, str):
+        ids = check_prompt(prompt, tokenizer, lm.context_length, max_tokens)
+    else:
+        ids = [int(i) for i in prompt]
+        if not ids:
+            raise PromptError("The prompt is empty: type some text to look at.")
+    n = len(ids)
+    chosen_positions = list(range(n)) if positions is None else sorted({p for p in positions if 0 <= p < n})
+    if not chosen_positions:
+        raise PromptError(f"No valid position was chosen; the prompt has positions 0..{n - 1}.")
+    tracked_ids = tracked_token_ids(tokenizer, track)
+    names, hidden_index, source = _row_plan(anatomy.n_layers, sublayers)
+    sites = {"resid_pre": [0], "resid_post": "all"}
+    if sublayers:
+        sites["resid_mid"] = "all"
+    input_ids = torch.tensor([ids])
+    with lm.lock:
+        captured, output = capture(anatomy, input_ids, sites=sites, stop_early=False)
+        pos = torch.tensor(chosen_positions, device=captured["resid_post"].device)
+        per_site = {site: tensor[:, 0].index_select(1, pos) for site, tensor in captured.items()}
+        resid = torch.stack([per_site[site][i if site != "resid_pre" else 0] for site, i in source])
+        stats = lens_stats(anatomy, resid, top_k=top_k, tracked_ids=tracked_ids, transform=transform,
+                           row_hidden_index=hidden_index, budget_bytes=budget_bytes)
+        # self-check: last layer through the lens == the model's own logits (on every position)
+        with torch.inference_mode():
+            last = anatomy.logits(captured["resid_post"][-1, 0]).float()
+            model_logits = output.logits[0].float()
+            diff = float((last - model_logits).abs().max())
+    top_ids = stats["top_ids"].numpy()
+    top_tokens = [[_decode_tokens(tokenizer, top_ids[r, j]) for j in range(top_ids.shape[1])]
+                  for r in range(top_ids.shape[0])]
+    return LensResult(
+        token_ids=ids, tokens=_decode_tokens(tokenizer, ids), row_names=names, row_hidden_index=hidden_index,
+        positions=chosen_positions, top_ids=top_ids, top_probs=stats["top_probs"].numpy(), top_tokens=top_tokens,
+        entropy=stats["entropy"].numpy(), kl_to_final=stats["kl"].numpy(),
+        tracked_ids=tracked_ids, tracked_labels=[w for w in track if w],
+        tracked_probs=stats["t_probs"].numpy() if tracked_ids else None,
+        tracked_ranks=stats["t_ranks"].numpy() if tracked_ids else None,
+        self_check_max_abs_diff=diff, lens=lens_name,
+    )
+
+
+def self_check(lm, text: str = "The quick brown fox jumps over the lazy dog.") -> float:
+    """Max |lens(last layer) - model logits| on a short text; used when a model loads."""
+    ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"]
+    with lm.lock:
+        captured, output = capture(lm.anatomy, torch.tensor([ids]), sites={"resid_post": [lm.anatomy.n_layers - 1]},
+                                   stop_early=False)
+        with torch.inference_mode():
+            last = lm.anatomy.logits(captured["resid_post"][0, 0]).float()
+            return float((last - output.logits[0].float()).abs().max())
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Acceptable self-check difference in logit units for a compute dtype."""
+    return 1e-3 if dtype == torch.float32 else 0.25 if dtype in (torch.bfloat16, torch.float16) else 1e-3

