@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
 
 from .errors import UserError
 
-COMMAND_MODULES = ["engine.cli_lens"]
+# one module per topic; a module not written yet is skipped
+COMMAND_MODULES = ["engine.cli_lens", "engine.cli_store", "engine.cli_sae", "engine.cli_tuned_lens"]
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="Latent Explorer, headless.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(sub)
     return parser
 
 
