@@ -57,12 +57,16 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
-def _child(layer: nn.Module, *fragments: str, exclude_norms: bool = True) -> tuple[str, nn.Module] | None:
-    for name, child in layer.named_children():
-        lowered = name.lower()
-        if exclude_norms and _is_norm(child):
-            continue
-        if any(fragment in lowered for fragment in fragments):
+def _child(layer: nn.Module, exact: tuple[str, ...], fragments: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+    """The sub-module that does the work: an exact name first, else a name fragment; never a
+    norm, dropout or other parameter-free wrapper (GPT-NeoX has ``post_mlp_dropout`` before ``mlp``)."""
+    candidates = [(name, child) for name, child in layer.named_children()
+                  if not _is_norm(child) and not isinstance(child, nn.Dropout) and _params(child) > 0]
+    for name, child in candidates:
+        if name in exact:
+            return name, child
+    for name, child in candidates:
+        if any(fragment in name.lower() for fragment in fragments):
             return name, child
     return None
 
@@ -184,8 +188,8 @@ def find_anatomy(model: nn.Module) -> Anatomy:
 
     attn_names, mlp_names = [], []
     for index, layer in enumerate(layers):
-        attn = _child(layer, "attn", "attention")
-        mlp = _child(layer, "mlp", "feed_forward", "ffn")
+        attn = _child(layer, ("self_attn", "attn", "attention", "self_attention"), ("attn", "attention"))
+        mlp = _child(layer, ("mlp", "feed_forward", "ffn"), ("mlp", "feed_forward", "ffn"))
         missing = [what for what, found in (("attention", attn), ("MLP", mlp)) if found is None]
         if missing:
             raise AnatomyError(

@@ -9,8 +9,9 @@ Sites (per decoder layer ``i``):
 - ``mlp_out``    what the MLP branch adds to the residual
 - ``mlp_hidden`` the MLP's hidden activation (input of its output projection)
 
-Hooks are always removed, also when the forward pass raises. When every requested site is
-captured before the last layer, the pass stops there (``stop_early``) and skips the rest.
+Hooks are always removed, also when the forward pass raises. With ``stop_early`` the pass stops
+right after the last layer it needs, skipping the remaining layers and the unembedding (for a
+262k-token vocabulary the head alone costs as much as the whole body of a small model).
 """
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def hooked(anatomy: Anatomy, sites: Mapping[str, list[int]], sink: dict, stop_ea
                     handles.append(anatomy.mlp_out_proj(i).register_forward_pre_hook(save_input_plain(key)))
                 elif site in output_of:
                     handles.append(output_of[site](i).register_forward_hook(save_output(key)))
-        if stop_early and 0 <= last_needed < anatomy.n_layers - 1:
+        if stop_early and last_needed >= 0:
             handles.append(anatomy.layers[last_needed].register_forward_hook(stopper))
         yield
     finally:

@@ -136,6 +136,9 @@ def run_latent_language(lm, source: str = "fr", target: str = "zh", *, n_shots: 
         batch = items[start:start + batch_size]
         encoded = [tokenizer(item.prompt, add_special_tokens=True)["input_ids"] for item in batch]
         width = max(map(len, encoded))
+        if lm.context_length and width > lm.context_length:
+            raise LatentLanguageError(f"The translation prompts are {width} tokens long, more than this model's "
+                                      f"context of {lm.context_length}; use fewer shots.")
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
         for row, ids in enumerate(encoded):  # right padding: real tokens keep positions 0..n-1

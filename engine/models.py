@@ -90,6 +90,12 @@ def resolve(spec: str) -> Source:
         raise ModelLoadError("No model was given: pick an embedded model or type a Hugging Face id or a path.")
     if spec in EMBEDDED:
         return Source("embedded", spec)
+    if spec.startswith("tiny:"):
+        from .tiny import ARCHS
+
+        if spec[5:] not in ARCHS:
+            raise ModelLoadError(f"Unknown tiny architecture '{spec[5:]}'; choose from {', '.join(ARCHS)}.")
+        return Source("tiny", spec)
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -270,6 +276,13 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     source = resolve(spec)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
+    if source.kind == "tiny":  # random weights, for tests and demos without downloads
+        from .tiny import build_tiny
+
+        model, tokenizer = build_tiny(spec[5:])
+        lm = from_model(model.to(torch_device, torch_dtype), tokenizer, name=spec, check=check)
+        lm.source = source
+        return lm
     if source.kind == "embedded":
         folder = _embedded_folder(EMBEDDED[source.spec], progress)
         weights_hash = json.loads((folder / "latent_explorer.json").read_text())["sha256"]

@@ -160,7 +160,7 @@ def test_prompt_validation(tokenizer):
     with pytest.raises(PromptError, match="empty"):
         check_prompt("   ", tokenizer, 128)
     with pytest.raises(PromptError, match="tokens long"):
-        check_prompt("x" * 500, tokenizer, 128)
+        check_prompt("x" * 600, tokenizer, 512)
     with pytest.raises(PromptError, match="does not look like text"):
         check_prompt("\x00\x01\x02\x03binary\x04\x05", tokenizer, 128)
     assert check_prompt("Ünïcödé and 中文 are fine", tokenizer, 128)
@@ -187,3 +187,22 @@ def test_lens_stats_kl_matches_direct_computation(tiny_llama):
         logp = tiny_llama.anatomy.logits(resid).float().log_softmax(-1)
     kl = (logp[-1].exp() * (logp[-1] - logp)).sum(-1)
     np.testing.assert_allclose(stats["kl"].numpy(), kl.numpy(), atol=1e-5)
+
+
+def test_sub_modules_are_the_real_attention_and_mlp(tiny_lm):
+    anatomy = tiny_lm.anatomy
+    for i in range(anatomy.n_layers):
+        for module in (anatomy.attn_module(i), anatomy.mlp_module(i)):
+            assert not isinstance(module, torch.nn.Dropout) and sum(p.numel() for p in module.parameters()) > 0
+        assert anatomy.mlp_out_proj(i).weight.ndim == 2
+        assert anatomy.attn_out_proj(i).weight.ndim == 2
+
+
+def test_mlp_hidden_feeds_the_output_projection(tiny_lm):
+    ids = torch.tensor([tiny_lm.tokenizer(PROMPT)["input_ids"]])
+    captured, _ = capture(tiny_lm.anatomy, ids, sites={"mlp_hidden": [0], "mlp_out": [0]})
+    proj = tiny_lm.anatomy.mlp_out_proj(0)
+    with torch.inference_mode():
+        out = proj(captured["mlp_hidden"][0])
+    if not tiny_lm.anatomy.sandwich:  # with a post-MLP norm the branch output is normed afterwards
+        assert torch.allclose(out, captured["mlp_out"][0], atol=1e-4)

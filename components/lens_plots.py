@@ -1,0 +1,146 @@
+"""Plotly figures for the lens views (no model code: they take engine results)."""
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+METRICS = {
+    "top1": "Top-1 probability",
+    "entropy": "Entropy (nats)",
+    "kl": "KL to final (nats)",
+    "tracked_prob": "P(tracked token)",
+    "tracked_rank": "Rank of tracked token",
+}
+
+
+def show_token(token: str, limit: int = 10) -> str:
+    """Make whitespace visible and keep labels short: ' Paris' -> '·Paris', '\\n' -> '⏎'."""
+    shown = token.replace("\n", "⏎").replace("\t", "⇥").replace(" ", "·")
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def metric_values(result, metric: str, tracked: int = 0) -> np.ndarray:
+    if metric == "top1":
+        return result.top_probs[..., 0]
+    if metric == "entropy":
+        return result.entropy
+    if metric == "kl":
+        return result.kl_to_final
+    if result.tracked_probs is None:
+        raise ValueError("no tracked token")
+    if metric == "tracked_prob":
+        return result.tracked_probs[..., tracked]
+    return result.tracked_ranks[..., tracked].astype(float)
+
+
+def position_labels(result) -> list[str]:
+    return [f"{p}:{show_token(result.tokens[p], 8)}" for p in result.positions]
+
+
+def lens_heatmap(result, metric: str = "top1", tracked: int = 0, height: int | None = None) -> go.Figure:
+    """Layers (rows, embeddings at the bottom) x positions, each cell labelled with its top-1 token.
+
+    A transparent scatter marker sits on every cell, carrying ``[row, column]`` in customdata and
+    the hover text, because Streamlit does not report selections on heatmap traces (the heatmap
+    itself takes no pointer events, so clicks and hovers reach the markers).
+    """
+    z = metric_values(result, metric, tracked)
+    rows, cols = z.shape
+    k = result.top_ids.shape[-1]
+    text = [[show_token(result.top_tokens[r][c][0], 7) for c in range(cols)] for r in range(rows)]
+    hover = []
+    for r in range(rows):
+        line = []
+        for c in range(cols):
+            tops = "<br>".join(f"{html.escape(show_token(result.top_tokens[r][c][i], 20))}: "
+                               f"{result.top_probs[r, c, i]:.3f}" for i in range(k))
+            extra = ""
+            if result.tracked_probs is not None:
+                extra = "<br>" + "<br>".join(
+                    f"{html.escape(label)}: p={result.tracked_probs[r, c, t]:.3g}, rank {result.tracked_ranks[r, c, t]}"
+                    for t, label in enumerate(result.tracked_labels))
+            line.append(f"layer {result.row_names[r]} · pos {result.positions[c]} "
+                        f"({html.escape(show_token(result.tokens[result.positions[c]], 20))})<br>"
+                        f"entropy {result.entropy[r, c]:.2f} · KL {result.kl_to_final[r, c]:.2f}<br>{tops}{extra}")
+        hover.append(line)
+    colorscale, zmin, zmax, reverse = "Blues", None, None, False
+    if metric in ("top1", "tracked_prob"):
+        zmin, zmax = 0.0, 1.0
+    elif metric == "tracked_rank":
+        z = np.log10(z + 1)
+        colorscale, reverse = "Viridis", True
+    else:
+        colorscale = "Magma"
+        reverse = True
+    fig = go.Figure(go.Heatmap(
+        z=z, x=list(range(cols)), y=list(range(rows)), text=text, texttemplate="%{text}",
+        textfont={"size": 10}, hoverinfo="skip",
+        colorscale=colorscale, reversescale=reverse, zmin=zmin, zmax=zmax,
+        colorbar={"title": {"text": "log10(rank+1)" if metric == "tracked_rank" else METRICS[metric]}},
+    ))
+    xs, ys = np.meshgrid(np.arange(cols), np.arange(rows))
+    fig.add_trace(go.Scatter(
+        x=xs.ravel().tolist(), y=ys.ravel().tolist(), mode="markers",
+        marker={"size": 18, "color": "rgba(0,0,0,0)", "symbol": "square"},
+        customdata=[[int(r), int(c)] for r, c in zip(ys.ravel(), xs.ravel())],
+        hovertext=[hover[r][c] for r, c in zip(ys.ravel(), xs.ravel())],
+        hovertemplate="%{hovertext}<extra></extra>", showlegend=False, name="cells",
+    ))
+    fig.update_layout(
+        xaxis={"tickmode": "array", "tickvals": list(range(cols)), "ticktext": position_labels(result),
+               "tickangle": -45, "title": "input position: token", "range": [-0.5, cols - 0.5]},
+        yaxis={"tickmode": "array", "tickvals": list(range(rows)), "ticktext": result.row_names, "title": "layer",
+               "range": [-0.5, rows - 0.5]},
+        height=height or max(360, 22 * rows + 160), margin={"l": 60, "r": 20, "t": 30, "b": 90},
+        clickmode="event+select", dragmode="zoom",  # with dragmode "select" a plain click selects nothing
+    )
+    return fig
+
+
+def topk_table(result, row: int, col: int) -> pd.DataFrame:
+    k = result.top_ids.shape[-1]
+    return pd.DataFrame({
+        "rank": np.arange(1, k + 1),
+        "token": [show_token(result.top_tokens[row][col][i], 40) for i in range(k)],
+        "id": result.top_ids[row, col],
+        "probability": np.round(result.top_probs[row, col], 4),
+    })
+
+
+def tracked_lines(result, col: int, kind: str = "prob") -> go.Figure:
+    """Tracked tokens' probability (or rank) across layers at one position."""
+    fig = go.Figure()
+    for t, label in enumerate(result.tracked_labels):
+        values = result.tracked_probs[:, col, t] if kind == "prob" else result.tracked_ranks[:, col, t] + 1
+        fig.add_trace(go.Scatter(x=result.row_names, y=values, mode="lines+markers", name=show_token(label, 30)))
+    fig.update_layout(
+        xaxis_title="layer", yaxis_title="probability" if kind == "prob" else "rank (1 = top)",
+        yaxis_type="log" if kind == "rank" else "linear", height=320, margin={"t": 30},
+        legend={"orientation": "h", "y": 1.12},
+    )
+    if kind == "prob":
+        fig.update_yaxes(range=[0, 1])
+    return fig
+
+
+def latent_language_figure(summary: dict, target_name: str) -> go.Figure:
+    """P(answer in the target language) and P(English) per layer, mean with 95% bands."""
+    layers = summary["layers"]
+    fig = go.Figure()
+    for key, name, color in (("target_language", target_name, "31,119,180"), ("english", "English", "214,39,40")):
+        band = summary[key]
+        fig.add_trace(go.Scatter(x=layers + layers[::-1], y=band["hi"] + band["lo"][::-1], fill="toself",
+                                 fillcolor=f"rgba({color},0.18)", line={"width": 0}, hoverinfo="skip",
+                                 showlegend=False))
+        fig.add_trace(go.Scatter(x=layers, y=band["mean"], mode="lines+markers", name=name,
+                                 line={"color": f"rgb({color})"}))
+    items = summary["items"]
+    fig.update_layout(
+        title=f"{summary['lens']} lens · {items['kept']} of {items['total']} items (single-token answers)",
+        xaxis_title="layer", yaxis_title="probability", yaxis_range=[0, 1], height=380,
+        legend={"orientation": "h", "y": 1.1}, margin={"t": 60},
+    )
+    return fig

@@ -1,0 +1,153 @@
+"""Layer-by-layer token probabilities: logit lens heatmap, tracked tokens, latent language."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from components.lens_plots import METRICS, latent_language_figure, lens_heatmap, topk_table, tracked_lines
+from components.session import cache_key, current_model, get_model_by_key, model_key
+from engine.errors import UserError
+from engine.latent_language import run_latent_language
+from engine.lens import check_prompt, run_lens
+from engine.prompt_sets import LANGUAGES
+
+DEFAULT_PROMPT = "The capital of France is"
+MAX_COLUMNS = 40        # heatmap columns drawn at once; longer prompts get a window slider
+MAX_VIEW_TOKENS = 4096  # the view's own limit on top of the model's context length
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def compute_lens(key: tuple, model_id: str, prompt: str, top_k: int, track: tuple[str, ...], sublayers: bool,
+                 positions: tuple[int, ...]):
+    lm = get_model_by_key(key)
+    return run_lens(lm, prompt, top_k=top_k, track=list(track), sublayers=sublayers, positions=list(positions),
+                    max_tokens=MAX_VIEW_TOKENS)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def compute_latent(key: tuple, model_id: str, source: str, target: str, _progress=None) -> dict:
+    lm = get_model_by_key(key)
+    return run_latent_language(lm, source, target, progress=_progress).summary()
+
+
+def _init_state() -> None:
+    params = st.query_params
+    defaults = {"lens_prompt": params.get("prompt", DEFAULT_PROMPT), "lens_metric": params.get("metric", "top1"),
+                "lens_track": params.get("track", " Paris"), "lens_topk": 10, "lens_sublayers": False}
+    for name, value in defaults.items():
+        st.session_state.setdefault(name, value)
+    if st.session_state["lens_metric"] not in METRICS:
+        st.session_state["lens_metric"] = "top1"
+
+
+def _selected_cell(event, rows: int, cols: int) -> tuple[int, int] | None:
+    points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else \
+        getattr(getattr(event, "selection", None), "points", []) or []
+    for point in points:
+        data = point.get("customdata")
+        if isinstance(data, list) and len(data) == 2 and all(isinstance(v, (int, float)) for v in data):
+            r, c = int(data[0]), int(data[1])
+            if 0 <= r < rows and 0 <= c < cols:
+                return r, c
+    return None
+
+
+st.title("Logit lens")
+lm = current_model()
+key = model_key()
+mid = cache_key(lm)
+_init_state()
+
+st.text_area("Prompt", key="lens_prompt", height=90,
+             help=f"Up to {min(lm.context_length or MAX_VIEW_TOKENS, MAX_VIEW_TOKENS):,} tokens.")
+c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
+metric = c1.selectbox("Colour cells by", list(METRICS), format_func=METRICS.get, key="lens_metric")
+track_text = c2.text_input("Tracked tokens (comma-separated, spaces matter)", key="lens_track",
+                           help="e.g. ' Paris, Paris, London': the first token of each is followed across layers.")
+top_k = c3.number_input("Top-k", min_value=1, max_value=50, key="lens_topk")
+sublayers = c4.toggle("Sub-blocks", key="lens_sublayers", help="Also read out after each attention block.")
+track = tuple(t for t in (part for part in track_text.split(",")) if t.strip())
+
+prompt = st.session_state["lens_prompt"]
+try:
+    ids = check_prompt(prompt, lm.tokenizer, lm.context_length, MAX_VIEW_TOKENS)
+except UserError as exc:
+    st.error(str(exc))
+    st.stop()
+
+n = len(ids)
+start = 0
+if n > MAX_COLUMNS:
+    start = st.slider(f"The prompt has {n} tokens; showing {MAX_COLUMNS} positions from", 0, n - MAX_COLUMNS,
+                      value=n - MAX_COLUMNS, key="lens_window")
+positions = tuple(range(start, min(n, start + MAX_COLUMNS)))
+
+if metric.startswith("tracked") and not track:
+    st.info("Add a tracked token to colour by its probability or rank; showing top-1 probability.")
+    metric = "top1"
+try:
+    with st.spinner("Running the lens…"):
+        result = compute_lens(key, mid, prompt, int(top_k), track, sublayers, positions)
+except UserError as exc:
+    st.error(str(exc))
+    st.stop()
+st.query_params.update({"prompt": prompt, "metric": metric, "track": track_text})
+
+fig = lens_heatmap(result, metric)
+event = st.plotly_chart(fig, width="stretch", on_select="rerun", selection_mode=("points", "box"),
+                        key="lens_heatmap")
+st.caption(f"Self-check: the last layer read through the lens differs from the model's logits by at most "
+           f"{result.self_check_max_abs_diff:.2g}. Click a cell (or drag a box over it) for its top-{int(top_k)}.")
+
+rows, cols = len(result.row_names), len(result.positions)
+picked = _selected_cell(event, rows, cols)
+view = hash((prompt, positions, sublayers, picked))  # a new prompt or a click resets the cell pickers
+left, right = st.columns([1, 2])
+with left:
+    default_row, default_col = picked or (rows - 1, cols - 1)
+    row = st.selectbox("Layer", range(rows), index=default_row, format_func=lambda r: result.row_names[r],
+                       key=f"cell_row_{view}")
+    col = st.selectbox("Position", range(cols), index=default_col,
+                       format_func=lambda c: f"{result.positions[c]}: {result.tokens[result.positions[c]]!r}",
+                       key=f"cell_col_{view}")
+    st.dataframe(topk_table(result, row, col), hide_index=True, width="stretch")
+with right:
+    if result.tracked_labels:
+        kind = st.radio("Tracked tokens", ["prob", "rank"], horizontal=True,
+                        format_func={"prob": "probability", "rank": "rank"}.get, key="lens_track_kind")
+        st.plotly_chart(tracked_lines(result, col, kind), width="stretch")
+    else:
+        st.info("Add tracked tokens above to follow their probability and rank across layers.")
+
+d1, d2 = st.columns(2)
+d1.download_button("Download data (CSV)", pd.DataFrame(result.to_records()).to_csv(index=False),
+                   file_name="logit_lens.csv", mime="text/csv")
+d2.download_button("Download figure (HTML)", fig.to_html(include_plotlyjs=True), file_name="logit_lens.html",
+                   mime="text/html")
+
+st.divider()
+st.subheader("Latent language")
+st.caption("Few-shot translation prompts from the built-in concept list; per layer, the probability of the answer "
+           "in the target language vs the same concept in English (Wendler et al., *Do Llamas Work in English?*). "
+           "Bands: 95% confidence interval of the mean across items.")
+l1, l2, l3 = st.columns([1, 1, 1])
+codes = list(LANGUAGES)
+source = l1.selectbox("From", codes, index=codes.index("fr"), format_func=lambda c: f"{LANGUAGES[c]} ({c})",
+                      key="ll_source")
+target = l2.selectbox("To", codes, index=codes.index("zh"), format_func=lambda c: f"{LANGUAGES[c]} ({c})",
+                      key="ll_target")
+l3.write("")
+if l3.button("Run latent-language analysis", type="primary") or st.session_state.get("ll_done") == (mid, source,
+                                                                                                     target):
+    try:
+        bar = st.progress(0.0, text=f"Reading out {source}→{target} translation prompts layer by layer…")
+        summary = compute_latent(key, mid, source, target, _progress=lambda f: bar.progress(f))
+        bar.empty()
+        st.session_state["ll_done"] = (mid, source, target)
+        st.plotly_chart(latent_language_figure(summary, LANGUAGES[target]), width="stretch")
+        items = summary["items"]
+        st.caption(f"{items['kept']} of {items['total']} concepts kept: {items['answer_not_single_token']} answers are "
+                   f"not a single token for this tokenizer, {items['english_overlaps_answer']} share their token "
+                   "with English.")
+    except UserError as exc:
+        st.error(str(exc))
