@@ -1,0 +1,127 @@
+"""Jobs page sections: capture activations into a store, and manage existing stores.
+
+``render_capture_section()`` starts a (resumable) capture with a progress bar;
+``render_stores_section()`` lists the stores under ``cache/activations`` with their size and
+manifest, and verifies or deletes one.
+"""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from components.session import current_model, show_user_error
+from engine.capture import SITES
+from engine.errors import UserError
+
+CORPORA = {"builtin": "built-in English (Python standard library docstrings)",
+           "builtin-multilingual": "built-in multilingual word lists (7 languages)",
+           "path": "a .txt file, a folder of .txt files or a .jsonl file",
+           "hf": "a Hugging Face dataset (needs the network)"}
+
+
+def _corpus_spec() -> str:
+    kind = st.selectbox("Corpus", list(CORPORA), format_func=CORPORA.get, key="capture_corpus_kind")
+    if kind == "path":
+        return st.text_input("Path on this machine", key="capture_corpus_path",
+                             placeholder="/data/texts, ./notes.txt, ./data.jsonl").strip()
+    if kind == "hf":
+        name = st.text_input("Dataset name", key="capture_corpus_hf", placeholder="roneneldan/TinyStories").strip()
+        return f"hf:{name}" if name else ""
+    return kind
+
+
+def render_capture_section() -> None:
+    """Pick model (sidebar), corpus, layers, sites and size; capture with a progress bar."""
+    from engine.corpora import iter_texts
+    from engine.store import build_store, default_store_dir
+
+    st.subheader("Capture activations")
+    st.caption("Runs the corpus through the model once and stores every real token's activations as sharded "
+               "safetensors under cache/activations. Starting the same capture again resumes it, or extends it "
+               "when you ask for more tokens.")
+    lm = current_model()
+    corpus = _corpus_spec()
+    cols = st.columns([3, 3])
+    all_layers = cols[0].checkbox("All layers", value=True, key="capture_all_layers")
+    layers = list(range(lm.n_layers)) if all_layers else cols[0].multiselect(
+        "Layers", list(range(lm.n_layers)), default=[lm.n_layers // 2], key="capture_layers")
+    sites = cols[1].multiselect("Sites", SITES, default=["resid_post"], key="capture_sites")
+    cols = st.columns(4)
+    max_tokens = cols[0].number_input("Tokens", 100, 10 ** 9, 20_000, step=10_000, key="capture_tokens")
+    context = cols[1].number_input("Context length", 8, 8192, 128, step=32, key="capture_context")
+    batch = cols[2].number_input("Batch size", 1, 1024, 8, key="capture_batch")
+    dtype = cols[3].selectbox("Stored as", ["float16", "bfloat16", "float32"], key="capture_dtype")
+    width = sum(lm.d_model for _ in sites) * max(len(layers), 1)
+    estimate = int(max_tokens) * width * (4 if dtype == "float32" else 2)
+    st.caption(f"About {estimate / 2**20:,.0f} MiB on disk ({int(max_tokens):,} tokens × {len(layers)} layers × "
+               f"{len(sites)} sites × {lm.d_model} dims).")
+    if not st.button("Start capture", type="primary", key="capture_start"):
+        return
+    bar = st.progress(0.0, text="starting…")
+    try:
+        texts = iter_texts(corpus)
+        out = default_store_dir(lm, corpus, sites, layers, int(context), dtype)
+        store = build_store(lm, texts, out, layers=layers, sites=sites, max_tokens=int(max_tokens),
+                            context_length=int(context), batch_size=int(batch), dtype=dtype, corpus_spec=corpus,
+                            progress=lambda fraction, message: bar.progress(min(max(fraction, 0.0), 1.0), text=message))
+    except UserError as exc:
+        show_user_error(exc)
+        return
+    bar.progress(1.0, text="done")
+    st.success(f"Stored {store.n_tokens:,} tokens ({store.size_bytes() / 2**20:,.1f} MiB) in {store.path}.")
+
+
+def _summary(entry: dict) -> dict:
+    manifest = entry["manifest"] or {}
+    layers = manifest.get("layers", [])
+    return {"store": entry["name"], "model": manifest.get("model", "?"), "corpus": manifest.get("corpus", ""),
+            "tokens": manifest.get("n_tokens", 0), "layers": f"{layers[0]}..{layers[-1]}" if layers else "",
+            "sites": ", ".join(manifest.get("sites", [])), "dtype": manifest.get("dtype", ""),
+            "MiB": round(entry["size_bytes"] / 2**20, 1),
+            "state": entry["error"] or ("complete" if entry["complete"] else "incomplete (resume by capturing again)")}
+
+
+def render_stores_section() -> None:
+    """Table of stores; per store its manifest, a verify button and a delete button."""
+    from engine.store import ActivationStore, delete_store, list_stores
+
+    st.subheader("Activation stores")
+    entries = list_stores()
+    if not entries:
+        st.info("No activation store yet.")
+        return
+    st.dataframe(pd.DataFrame([_summary(e) for e in entries]), hide_index=True, width="stretch")
+    names = [e["name"] for e in entries]
+    name = st.selectbox("Store", names, key="stores_pick")
+    entry = entries[names.index(name)]
+    with st.expander("Manifest", expanded=False):
+        manifest = dict(entry["manifest"] or {})
+        shards = manifest.pop("shards", [])
+        st.json(manifest, expanded=False)
+        st.caption(f"{len(shards)} shards; the manifest file is {entry['path']}/manifest.json")
+        st.download_button("Download manifest.json", json.dumps(entry["manifest"], indent=1).encode(),
+                           file_name=f"{name}-manifest.json", key="stores_manifest_download")
+    cols = st.columns([1, 2, 1])
+    if cols[0].button("Verify", key="stores_verify"):
+        try:
+            bar = st.progress(0.0)
+            problems = ActivationStore.open(entry["path"], allow_incomplete=True).verify(
+                progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message))
+        except UserError as exc:
+            show_user_error(exc)
+        else:
+            if problems:
+                st.error("Problems: " + "; ".join(problems) + ". Capture again with the same settings to rebuild.")
+            else:
+                st.success("Every shard matches its checksum in the manifest.")
+    confirm = cols[1].checkbox(f"Yes, delete {name}", key="stores_confirm")
+    if cols[2].button("Delete", disabled=not confirm, key="stores_delete"):
+        try:
+            delete_store(entry["path"])
+        except UserError as exc:
+            show_user_error(exc)
+        else:
+            st.session_state.pop("stores_confirm", None)
+            st.rerun()

@@ -1,0 +1,168 @@
+"""CLI: ``cache``, ``store-info``, ``project`` and ``geometry``."""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+from .cli import add_model_args, emit, load_from_args
+
+
+@contextmanager
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    with tqdm(total=1000, desc=desc, unit="‰", file=sys.stderr) as bar:
+        def progress(fraction: float, message: str) -> None:
+            bar.update(max(0, round(fraction * 1000) - bar.n))
+            bar.set_postfix_str(message, refresh=False)
+        yield progress
+
+
+def _cache(args) -> int:
+    from .corpora import iter_texts
+    from .store import build_store, default_store_dir
+
+    lm = load_from_args(args)
+    texts = iter_texts(args.corpus)
+    out = args.out or default_store_dir(lm, args.corpus, args.sites, args.layers, args.context_length, args.store_dtype)
+    with _progress_bar("capturing") as progress:
+        store = build_store(lm, texts, out, layers=args.layers, sites=args.sites, max_tokens=args.max_tokens,
+                            context_length=args.context_length, batch_size=args.batch_size, dtype=args.store_dtype,
+                            corpus_spec=args.corpus, progress=progress, shard_tokens=args.shard_tokens)
+    payload = _describe(store)
+    emit(payload, args.json, f"{store.n_tokens:,} tokens of {lm.name} in {store.path} "
+                             f"({payload['size_bytes'] / 2**20:.1f} MiB, {len(store.manifest['shards'])} shards)")
+    return 0
+
+
+def _describe(store) -> dict:
+    manifest = {k: v for k, v in store.manifest.items() if k != "shards"}
+    return {"path": str(store.path), **manifest, "n_shards": len(store.manifest["shards"]),
+            "size_bytes": store.size_bytes()}
+
+
+def _store_info(args) -> int:
+    from .store import ActivationStore
+
+    store = ActivationStore.open(args.store, allow_incomplete=True)
+    problems = [] if args.no_verify else store.verify()
+    payload = {**_describe(store), "problems": problems}
+    lines = [f"{store.path}: {store.model_name}, {store.n_tokens:,} tokens, sites {', '.join(store.sites)}, "
+             f"layers {store.layers[0]}..{store.layers[-1]} ({len(store.layers)}), {store.manifest['dtype']}, "
+             f"{payload['n_shards']} shards, {payload['size_bytes'] / 2**20:.1f} MiB, "
+             f"{'complete' if store.manifest.get('complete') else 'INCOMPLETE (run the capture again to resume)'}"]
+    lines += [f"corpus {store.manifest.get('corpus') or '(unnamed)'}, context {store.manifest['context_length']}"]
+    if store.manifest.get("n_clamped"):
+        lines.append(f"note: {store.manifest['n_clamped']:,} values exceeded the float16 range and were clamped "
+                     "(capture in bfloat16 to keep them)")
+    lines += ([f"PROBLEM {p}" for p in problems] if problems else
+              ["every shard verified against the manifest" if not args.no_verify else "not verified"])
+    emit(payload, args.json, "\n".join(lines))
+    return 1 if problems else 0
+
+
+def _cloud(args, layers=None):
+    from .projections import prompt_cloud, store_cloud
+
+    if args.prompt_set:
+        from .corpora import prompt_set
+
+        lm = load_from_args(args)
+        return prompt_cloud(lm, prompt_set(args.prompt_set), site=args.site or "resid_post", positions=args.positions,
+                            layers=layers if layers is not None else "all")
+    if not args.store:
+        from .errors import UserError
+
+        raise UserError("Give --store DIR or --prompt-set NAME.")
+    from .store import ActivationStore
+
+    store = ActivationStore.open(args.store)
+    if layers is not None:
+        store._name(args.site or store.sites[0], layers[0])  # clear message for a missing layer
+    return store_cloud(store, site=args.site, layers=layers, max_points=args.max_points, seed=args.seed)
+
+
+def _project(args) -> int:
+    from .projections import project
+
+    cloud = _cloud(args, layers=[args.layer])
+    coords = project(cloud.at(args.layer), args.method, args.dims, seed=args.seed, normalize=args.normalize)
+    payload = {"layer": args.layer, "method": args.method, "site": cloud.site, "n_points": cloud.n_points,
+               "rows": cloud.row_ids, "labels": cloud.labels, "coords": coords.round(5).tolist()}
+    text = "\n".join(f"{r}\t" + "\t".join(f"{v:.4f}" for v in c) for r, c in zip(cloud.row_ids, coords.tolist()))
+    emit(payload, args.json, text)
+    return 0
+
+
+def _geometry(args) -> int:
+    from .projections import geometry_by_layer, probe_by_layer
+
+    cloud = _cloud(args)
+    with _progress_bar("geometry") as progress:
+        result = geometry_by_layer(cloud, args.concept_label, args.language_label, progress=progress)
+        if args.label:
+            result["probe"] = probe_by_layer(cloud, args.label, folds=args.folds, seed=args.seed,
+                                             progress=progress).to_json()
+    lines = ["layer  " + "  ".join(result["measures"])]
+    for i, layer in enumerate(result["layers"]):
+        lines.append(f"{layer:>5}  " + "  ".join(f"{values[i]:.4f}" for values in result["measures"].values()))
+    if args.label:
+        probe = result["probe"]
+        lines.append(f"probe '{args.label}' (chance {probe['chance']:.3f}): " +
+                     " ".join(f"{a:.3f}" for a in probe["accuracy"]) +
+                     f"; first layer at 90% of best: {probe['first_layer_at_90']}")
+    emit(result, args.json, "\n".join(lines))
+    return 0
+
+
+def _cloud_args(p) -> None:
+    p.add_argument("--store", help="activation store folder")
+    p.add_argument("--prompt-set", choices=["concepts", "days", "months", "numbers", "countries"],
+                   help="embed a built-in prompt set with --model instead of reading a store")
+    p.add_argument("--positions", default="last", choices=["last", "all", "mean"], help="for --prompt-set")
+    p.add_argument("--site", default=None, help="store site (default: the store's first)")
+    p.add_argument("--max-points", type=int, default=5000, help="tokens sampled from the store")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    add_model_args(p)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("cache", help="capture activations of a corpus into an on-disk store (resumable)")
+    add_model_args(p)
+    p.add_argument("--corpus", default="builtin",
+                   help="builtin, builtin-multilingual, a .txt file, a folder, a .jsonl file or hf:<dataset>")
+    p.add_argument("--layers", default="all", help="all, 3,5,7 or 2-6")
+    p.add_argument("--sites", default="resid", help="comma-separated: resid, resid_pre, resid_mid, attn_out, "
+                                                    "mlp_out, mlp_hidden")
+    p.add_argument("--max-tokens", type=int, default=100_000)
+    p.add_argument("--context-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the stored activations (--dtype is the model's compute dtype)")
+    p.add_argument("--shard-tokens", type=int, default=None, help="rows per shard (default: ~256 MB shards)")
+    p.add_argument("--out", default=None, help="store folder (default: cache/activations/<model>-<key>)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cache)
+
+    p = sub.add_parser("store-info", help="describe a store and verify every shard against its manifest")
+    p.add_argument("store")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksums")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_store_info)
+
+    p = sub.add_parser("project", help="PCA or UMAP of one layer of a store (or a prompt set)")
+    _cloud_args(p)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--method", default="pca", choices=["pca", "umap"])
+    p.add_argument("--dims", type=int, default=2, choices=[2, 3])
+    p.add_argument("--normalize", action="store_true", help="unit-normalise points before projecting")
+    p.set_defaults(handler=_project)
+
+    p = sub.add_parser("geometry", help="spread measures per layer, and probe accuracy per layer for --label")
+    _cloud_args(p)
+    p.add_argument("--label", default=None, help="label to probe: token/position/doc for stores; prompt-set labels")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--concept-label", default=None, help="with --language-label: translation similarity")
+    p.add_argument("--language-label", default=None)
+    p.set_defaults(handler=_geometry)

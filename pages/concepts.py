@@ -1,0 +1,216 @@
+"""Concept space: PCA/UMAP of hidden states per layer, spread measures per layer, layer-wise probes."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from components.concept_plots import geometry_figure, probe_figure, scatter_figure
+from components.session import cache_key, current_model, get_model_by_key, model_key, show_user_error
+from engine.capture import SITES
+from engine.corpora import PROMPT_SETS, prompt_set
+from engine.errors import UserError
+from engine.projections import (POSITION_MODES, geometry_by_layer, probe_by_layer, procrustes_align, project,
+                                prompt_cloud, store_cloud, umap_ready, warm_up_umap)
+from engine.store import ActivationStore, list_stores
+
+POSITION_NAMES = {"last": "last token of each prompt", "all": "every token", "mean": "mean over tokens"}
+
+
+# --- cached computations (string keys; the model comes from the shared resource cache) ---------
+@st.cache_resource(show_spinner=False, max_entries=12)
+def prompt_points(key: tuple, model_id: str, set_name: str, site: str, positions: str):
+    return prompt_cloud(get_model_by_key(key), prompt_set(set_name), site=site, positions=positions)
+
+
+@st.cache_resource(show_spinner=False, max_entries=6)
+def store_points(key: tuple, model_id: str, path: str, updated: str, site: str, max_points: int):
+    store = ActivationStore.open(path)
+    lm = get_model_by_key(key)
+    store.check_model(lm)
+    return store_cloud(store, site=site, max_points=max_points, tokenizer=lm.tokenizer)
+
+
+def _cloud(spec: tuple):
+    kind, *rest = spec
+    return prompt_points(*rest) if kind == "prompts" else store_points(*rest)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def projection(spec: tuple, layer: int, method: str, dims: int, normalize: bool):
+    return project(_cloud(spec).at(layer), method, dims, normalize=normalize)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def aligned_projection(spec: tuple, layer: int, method: str, dims: int, normalize: bool):
+    """Procrustes chain from the first layer: each layer is aligned onto the (aligned) previous one."""
+    layers = _cloud(spec).layers
+    coords = projection(spec, layer, method, dims, normalize)
+    position = layers.index(layer)
+    if position == 0:
+        return coords
+    return procrustes_align(coords, aligned_projection(spec, layers[position - 1], method, dims, normalize))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def geometry(spec: tuple, concept_label: str | None, language_label: str | None) -> dict:
+    return geometry_by_layer(_cloud(spec), concept_label, language_label)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def probes(spec: tuple, label: str) -> dict:
+    return probe_by_layer(_cloud(spec), label).to_json()
+
+
+# --- widgets ------------------------------------------------------------------------------
+def _selected_points(event) -> list[int]:
+    selection = event.get("selection", {}) if isinstance(event, dict) else getattr(event, "selection", {}) or {}
+    points = selection.get("points", []) if isinstance(selection, dict) else getattr(selection, "points", [])
+    chosen = []
+    for point in points or []:
+        data = point.get("customdata")
+        if isinstance(data, list) and data and isinstance(data[0], (int, float)):
+            chosen.append(int(data[0]))
+    return sorted(set(chosen))
+
+
+def choose_source(lm, key: tuple, mid: str) -> tuple | None:
+    source = st.radio("Points from", ["Prompt set", "Activation store"], horizontal=True, key="concept_source")
+    if source == "Prompt set":
+        cols = st.columns([2, 2, 2])
+        name = cols[0].selectbox("Prompt set", list(PROMPT_SETS), key="concept_set",
+                                 format_func=lambda n: f"{n} ({len(prompt_set(n).texts)} prompts)")
+        positions = cols[1].selectbox("Positions", POSITION_MODES, key="concept_positions",
+                                      format_func=POSITION_NAMES.get)
+        site = cols[2].selectbox("Site", SITES, index=SITES.index("resid_post"), key="concept_site")
+        st.caption(prompt_set(name).description)
+        return ("prompts", key, mid, name, site, positions)
+    entries = [e for e in list_stores() if e["complete"] and e["manifest"]]
+    if not entries:
+        st.info("No activation store yet: capture one on the Jobs page, or use a prompt set.")
+        return None
+    ours = [e for e in entries if e["manifest"].get("weights_hash") == lm.weights_hash]
+    if not ours:
+        st.warning(f"None of the {len(entries)} stores was captured from {lm.name}; load the model a store was "
+                   "captured from, or capture one for this model on the Jobs page.")
+        return None
+    cols = st.columns([4, 2, 2])
+    labels = {e["path"]: f"{e['manifest'].get('corpus') or e['name']} · {e['manifest']['n_tokens']:,} tokens · "
+                         f"{e['name']}" for e in ours}
+    path = cols[0].selectbox("Store", list(labels), format_func=labels.get, key="concept_store")
+    entry = next(e for e in ours if e["path"] == path)
+    site = cols[1].selectbox("Site", entry["manifest"]["sites"], key="concept_store_site")
+    max_points = cols[2].number_input("Points (sampled tokens)", 100, 50_000, 3000, step=500,
+                                      key="concept_store_points")
+    return ("store", key, mid, path, str(entry["manifest"].get("updated", entry["mtime"])), site, int(max_points))
+
+
+@st.fragment
+def scatter_with_selection(spec: tuple, cloud, layer: int, method: str, dims: int, normalize: bool, align: bool,
+                           color: str) -> None:
+    """Scatter and the table of selected points live in one fragment, so a selection reruns only this."""
+    busy = "Projecting" if method == "pca" or umap_ready() else "Projecting (the first UMAP compiles; ~30-60 s)"
+    try:
+        with st.spinner(f"{busy}…"):
+            compute = aligned_projection if align else projection
+            coords = compute(spec, layer, method, dims, normalize)
+    except UserError as exc:
+        show_user_error(exc)
+        return
+    title = f"{cloud.name}: {method.upper()} of {cloud.site}, layer {layer} ({cloud.n_points:,} points)"
+    figure = scatter_figure(coords, cloud.label(color), cloud.hover, color, title=title)
+    event = st.plotly_chart(figure, on_select="rerun", selection_mode=("box", "lasso", "points"),
+                            key=f"concept_scatter_{dims}", width="stretch")
+    chosen = _selected_points(event)
+    if not chosen:
+        st.caption("Select points (box or lasso) to list their contexts.")
+        return
+    table = pd.DataFrame({"point": chosen, "context": [cloud.hover[i] for i in chosen],
+                          **{name: [values[i] for i in chosen] for name, values in cloud.labels.items()}})
+    if spec[0] == "store":
+        table.insert(1, "store row", [cloud.row_ids[i] for i in chosen])
+    st.markdown(f"**{len(chosen)} selected points**")
+    st.dataframe(table, hide_index=True, width="stretch", height=min(400, 40 + 35 * len(chosen)))
+    st.download_button("Download selection (CSV)", table.to_csv(index=False).encode(), file_name="selection.csv",
+                       mime="text/csv", key="concept_download")
+
+
+def geometry_section(spec: tuple, cloud, concept_label: str | None) -> None:
+    st.caption("Spread of the point cloud per layer. Average cosine and I(V) are known to mislead; the PCA-based "
+               "and entropy-based measures (effective rank) are the reliable ones. For multilingual sets, "
+               "translations of one concept against different concepts (centred cosine).")
+    multilingual = bool(concept_label) and "language" in cloud.labels and concept_label in cloud.labels
+    if st.button("Compute spread measures", key="concept_geometry_button"):
+        st.session_state["concept_geometry_for"] = spec
+    if st.session_state.get("concept_geometry_for") == spec:
+        try:
+            with st.spinner("Measuring every layer…"):
+                result = geometry(spec, concept_label if multilingual else None,
+                                  "language" if multilingual else None)
+        except UserError as exc:
+            show_user_error(exc)
+            return
+        st.plotly_chart(geometry_figure(result), width="stretch", key="concept_geometry_chart")
+        frame = pd.DataFrame({"layer": result["layers"], **result["measures"]})
+        st.download_button("Download measures (CSV)", frame.to_csv(index=False).encode(), file_name="spread.csv",
+                           mime="text/csv", key="concept_geometry_download")
+
+
+def probe_section(spec: tuple, cloud, default: str) -> None:
+    st.caption("Cross-validated logistic-regression accuracy per layer for one label (\"concept depth\").")
+    labels = [name for name in cloud.labels if name not in ("text",)]
+    label = st.selectbox("Label to probe", labels, index=labels.index(default) if default in labels else 0,
+                         key="concept_probe_label")
+    if st.button("Run probes", key="concept_probe_button"):
+        st.session_state["concept_probe_for"] = (spec, label)
+    if st.session_state.get("concept_probe_for") == (spec, label):
+        try:
+            with st.spinner("Training one probe per layer…"):
+                curve = probes(spec, label)
+        except UserError as exc:
+            show_user_error(exc)
+            return
+        st.plotly_chart(probe_figure(curve), width="stretch", key="concept_probe_chart")
+
+
+# --- page ---------------------------------------------------------------------------------
+st.title("Concept space")
+lm = current_model()
+key, mid = model_key(), cache_key(lm)
+warm_up_umap()  # numba compiles in a background thread while the user looks around
+
+spec = choose_source(lm, key, mid)
+if spec is None:
+    st.stop()
+try:
+    with st.spinner("Capturing hidden states…"):
+        cloud = _cloud(spec)
+except UserError as exc:
+    show_user_error(exc)
+    st.stop()
+
+pset = prompt_set(spec[3]) if spec[0] == "prompts" else None
+color_options = [name for name in cloud.labels if name != "text" or cloud.n_points <= 200]
+default_color = pset.default_color if pset else "position"
+cols = st.columns([5, 2, 1, 2])
+layer = cols[0].select_slider("Layer", options=cloud.layers, value=cloud.layers[len(cloud.layers) // 2],
+                              key="concept_layer")
+method = cols[1].radio("Projection", ["pca", "umap"], horizontal=True, key="concept_method",
+                       format_func=str.upper)
+dims = cols[2].radio("Dims", [2, 3], horizontal=True, key="concept_dims")
+color = cols[3].selectbox("Colour by", color_options, key="concept_color",
+                          index=color_options.index(default_color) if default_color in color_options else 0)
+cols = st.columns(3)
+normalize = cols[0].checkbox("Unit-normalise points", key="concept_normalize",
+                             help="Divide each hidden state by its norm before projecting (tames outlier norms).")
+align = cols[1].checkbox("Align consecutive layers (Procrustes)", key="concept_align",
+                         help="Rotate each layer's projection onto the previous one so points move smoothly.")
+if method == "umap" and not umap_ready():
+    cols[2].caption("⏳ UMAP is still compiling in the background.")
+
+tab_projection, tab_geometry, tab_probe = st.tabs(["Projection", "Spread & geometry", "Concept depth (probes)"])
+with tab_projection:
+    scatter_with_selection(spec, cloud, layer, method, dims, normalize, align, color)
+with tab_geometry:
+    geometry_section(spec, cloud, pset.concept_label if pset else None)
+with tab_probe:
+    probe_section(spec, cloud, pset.default_probe if pset else "position")

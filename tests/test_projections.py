@@ -1,0 +1,168 @@
+"""Spread measures, probes and projections on synthetic data with known answers; prompt clouds on tiny models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine import projections as P
+from engine.corpora import PromptSet
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one thread avoids OpenMP spin-waiting when other test runs share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+RNG = np.random.default_rng(0)
+N, D = 2000, 32
+
+
+@pytest.fixture(scope="module")
+def isotropic():
+    return np.random.default_rng(1).normal(size=(N, D))
+
+
+@pytest.fixture(scope="module")
+def rank_one():
+    rng = np.random.default_rng(2)
+    direction = rng.normal(size=D)
+    direction /= np.linalg.norm(direction)
+    return np.abs(rng.normal(3.0, 1.0, size=(N, 1))) * direction[None, :] * 5
+
+
+@pytest.fixture(scope="module")
+def clusters():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(4, D)) * 10
+    which = rng.integers(0, 4, size=N)
+    return centres[which] + rng.normal(size=(N, D)) * 0.01, which
+
+
+def test_average_cosine(isotropic, rank_one):
+    assert abs(P.average_cosine(isotropic)) < 0.02
+    assert P.average_cosine(rank_one) == pytest.approx(1.0, abs=1e-9)  # all points on one ray (positive scale)
+    pair = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert P.average_cosine(pair) == pytest.approx(0.0)
+
+
+def test_isotropy_partition(isotropic, rank_one):
+    assert P.isotropy_partition(isotropic) > 0.5
+    assert P.isotropy_partition(rank_one) < 1e-6
+    assert P.isotropy_partition(isotropic) > 100 * P.isotropy_partition(isotropic + 5.0)  # a shared offset
+
+
+def test_pca_variance_fraction(isotropic, rank_one, clusters):
+    X, _ = clusters
+    assert P.pca_variance_fraction(isotropic) > 0.75
+    assert P.pca_components_for_variance(rank_one) == 1
+    assert P.pca_components_for_variance(X) <= 3  # 4 centred clusters span at most 3 directions
+    assert P.pca_components_for_variance(isotropic, 0.5) < P.pca_components_for_variance(isotropic, 0.9)
+
+
+def test_effective_rank(isotropic, rank_one, clusters):
+    assert P.effective_rank(rank_one) == pytest.approx(1.0, abs=1e-6)
+    assert P.effective_rank(isotropic) > 0.9 * D
+    assert 1.5 < P.effective_rank(clusters[0]) < 3.5
+
+
+def test_translation_similarity():
+    rng = np.random.default_rng(4)
+    concepts, languages = np.repeat(np.arange(20), 5).astype(str), np.tile(np.arange(5), 20).astype(str)
+    base = rng.normal(size=(20, D))[concepts.astype(int)]
+    aligned = base + 0.3 * rng.normal(size=base.shape)
+    same, diff = P.translation_similarity(aligned, concepts, languages)
+    assert same > 0.8 and abs(diff) < 0.15
+    scrambled = rng.normal(size=base.shape)
+    same, diff = P.translation_similarity(scrambled, concepts, languages)
+    assert abs(same - diff) < 0.05
+
+
+def test_probe_near_one_on_separable_and_chance_on_shuffled(clusters):
+    X, which = clusters
+    X = X[:600] + np.random.default_rng(5).normal(size=(600, D))
+    y = which[:600].astype(str)
+    acc, chance = P.probe_accuracy(X, y)
+    assert acc > 0.97
+    shuffled = np.random.default_rng(6).permutation(y)
+    acc, chance = P.probe_accuracy(X, shuffled)
+    assert abs(acc - chance) < 0.12 and chance < 0.4
+
+
+def test_probe_one_class_is_a_user_error():
+    with pytest.raises(P.ProjectionError, match="single class"):
+        P.probe_accuracy(np.zeros((10, 3)), ["a"] * 10)
+    with pytest.raises(P.ProjectionError, match="two classes"):
+        P.probe_accuracy(np.zeros((3, 3)), ["a", "b", "c"])
+
+
+def test_projections_pca_and_procrustes(clusters):
+    X, which = clusters
+    Y = P.project(X[:300], "pca", 2)
+    assert Y.shape == (300, 2)
+    # PCA keeps the clusters apart: distance between centroids dwarfs spread within
+    c0, c1 = Y[which[:300] == 0].mean(0), Y[which[:300] == 1].mean(0)
+    assert np.linalg.norm(c0 - c1) > 10 * Y[which[:300] == 0].std(0).max()
+    angle = 0.7
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    moved = 3.0 * Y @ rotation + np.array([5.0, -2.0])
+    assert np.allclose(P.procrustes_align(moved, Y), Y, atol=1e-3)
+    assert P.project(X[:50], "pca", 3).shape == (50, 3)
+
+
+def test_projection_bad_input():
+    with pytest.raises(P.ProjectionError, match="at least 10 points"):
+        P.project(np.random.default_rng(0).normal(size=(6, 8)), "umap")
+    with pytest.raises(P.ProjectionError, match="infinite"):
+        P.project(np.full((20, 4), np.inf), "pca")
+    with pytest.raises(P.ProjectionError, match="pca or umap"):
+        P.project(np.zeros((20, 4)), "tsne")
+
+
+def test_umap_gets_pca_reduced_input(monkeypatch):
+    """The real UMAP costs 25-60 s of numba compilation (see benchmarks/projections.py); here a stand-in
+    records what project() hands it: PCA-50 input, clamped neighbours, explicit epochs and seed."""
+    import umap
+
+    seen = {}
+
+    class FakeUMAP:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def fit_transform(self, data):
+            seen["shape"] = data.shape
+            seen["centred"] = np.allclose(data.mean(0), 0, atol=1e-3)
+            return data[:, : seen["n_components"]]
+
+    monkeypatch.setattr(umap, "UMAP", FakeUMAP)
+    X = np.random.default_rng(0).normal(size=(40, 80))
+    Y = P.project(X, "umap", 3, seed=7)
+    assert Y.shape == (40, 3) and seen["shape"] == (40, 39)  # PCA to min(50, n - 1, width) first
+    assert seen["n_components"] == 3 and seen["random_state"] == 7 and seen["n_epochs"] == 500
+    assert seen["centred"]
+    P.project(X[:12, :20], "umap", 2, n_neighbors=15)
+    assert seen["shape"] == (12, 11) and seen["n_neighbors"] == 11
+
+
+def test_prompt_cloud_modes(tiny_llama):
+    pset = PromptSet("toy", "", ["dog", "cat sat", "a"], {"kind": ["x", "y", "x"]})
+    last = P.prompt_cloud(tiny_llama, pset, positions="last")
+    assert last.layers == [0, 1, 2] and last.at(1).shape == (3, 32)
+    assert last.labels["kind"] == ["x", "y", "x"] and last.labels["text"] == pset.texts
+    every = P.prompt_cloud(tiny_llama, pset, positions="all")
+    lengths = [len(t) for t in pset.texts]  # the tiny tokenizer has one token per byte, plus BOS (left out)
+    assert every.n_points == sum(lengths)
+    assert every.labels["kind"] == ["x"] * 3 + ["y"] * 7 + ["x"]
+    # the last token of each text in "all" mode is the "last" point; its mean is the "mean" point
+    ends = np.cumsum(lengths) - 1
+    assert np.allclose(every.at(2)[ends], last.at(2), atol=1e-4)
+    mean = P.prompt_cloud(tiny_llama, pset, positions="mean")
+    assert np.allclose(mean.at(0)[1], every.at(0)[3:10].mean(0), atol=1e-4)
+    geometry = P.geometry_by_layer(last)
+    assert set(geometry["measures"]) == set(P.SPREAD_MEASURES) and len(geometry["layers"]) == 3
+    with pytest.raises(P.ProjectionError, match="Layer 7"):
+        last.at(7)
