@@ -1,0 +1,216 @@
+"""Jobs page section: train a sparse autoencoder with live curves, and the SAE report card.
+
+``render_sae_training_section()`` lets the user pick an activation store, a site/layer and the
+training settings, then trains in the page run with a progress bar and live curves of loss, L0,
+explained variance and dead %. A button trains the demo SAE (built-in corpus, default model).
+``render_sae_report_card(report)`` shows what :mod:`engine.sae_eval` measured.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from components.session import show_user_error
+from engine.errors import UserError
+
+CURVES = (("loss", "loss"), ("l0", "L0"), ("explained_variance", "explained variance"), ("dead_fraction", "dead %"))
+
+
+# --- figures (pure functions, no Streamlit) ---------------------------------------------------
+def training_curves_figure(history: list[dict]) -> go.Figure:
+    """2×2 curves against tokens seen: loss (log), L0, explained variance, dead %."""
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[title for _, title in CURVES],
+                        horizontal_spacing=0.1, vertical_spacing=0.18)
+    tokens = [record["tokens"] for record in history]
+    for index, (key, title) in enumerate(CURVES):
+        scale = 100.0 if key == "dead_fraction" else 1.0
+        values = [None if record.get(key) is None else record[key] * scale for record in history]
+        fig.add_trace(go.Scatter(x=tokens, y=values, mode="lines", name=title, showlegend=False),
+                      row=index // 2 + 1, col=index % 2 + 1)
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_xaxes(title_text="tokens", row=2)
+    fig.update_layout(height=460, margin=dict(l=40, r=20, t=40, b=40))
+    return fig
+
+
+def density_histogram_figure(report: dict) -> go.Figure:
+    """Histogram of log10 feature firing density (live latents), dead ones noted in the title."""
+    hist = report["density_histogram"]
+    edges, counts = hist["log10_density_edges"], hist["counts"]
+    centres = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    width = edges[1] - edges[0] if len(edges) > 1 else 1.0
+    fig = go.Figure(go.Bar(x=centres, y=counts, width=width, marker_line_width=0))
+    dead = report.get("dead_fraction", 0.0)
+    fig.add_vline(x=-1.0, line_dash="dot", annotation_text="dense (10 %)")
+    fig.update_layout(title=f"Feature density (log10), {100 * dead:.1f} % dead not shown", height=300,
+                      xaxis_title="log10 firing frequency", yaxis_title="latents",
+                      margin=dict(l=40, r=20, t=50, b=40), bargap=0.02)
+    return fig
+
+
+# --- report card ----------------------------------------------------------------------------
+def _fmt(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def render_sae_report_card(report: dict) -> None:
+    """Metrics, CE loss with the SAE spliced in, and the density histogram of one evaluation report."""
+    sae = report.get("sae", {})
+    st.markdown(f"**{sae.get('architecture', '?')} SAE**, {sae.get('d_sae', '?'):,} latents"
+                f"{' (k=' + str(sae['k']) + ')' if sae.get('k') else ''} on `{report.get('site')}` layer "
+                f"{report.get('layer')} of `{report.get('model') or sae.get('model_name') or '?'}` — "
+                f"{report.get('n_tokens', 0):,} tokens from the {report.get('source', '?')}")
+    cols = st.columns(6)
+    cols[0].metric("L0", _fmt(report.get("l0"), ".1f"))
+    cols[1].metric("Explained variance", _fmt(report.get("explained_variance")))
+    cols[2].metric("MSE", _fmt(report.get("mse"), ".3g"))
+    cols[3].metric("Cosine", _fmt(report.get("cosine")))
+    cols[4].metric("Dead", f"{100 * report.get('dead_fraction', 0):.1f} %")
+    cols[5].metric("Dense (>10 %)", f"{100 * report.get('dense_fraction', 0):.1f} %")
+    ce = report.get("ce")
+    if ce:
+        cols = st.columns(4)
+        cols[0].metric("CE clean", _fmt(ce.get("clean")))
+        cols[1].metric("CE with SAE", _fmt(ce.get("spliced")), delta=f"+{_fmt(ce.get('delta'))}",
+                       delta_color="inverse")
+        cols[2].metric("CE zero-ablated", _fmt(ce.get("zero_ablated")))
+        cols[3].metric("CE loss recovered", _fmt(ce.get("recovered")))
+    else:
+        st.caption("CE loss not measured (evaluated from cached activations without the model).")
+    if report.get("density_histogram"):
+        st.plotly_chart(density_histogram_figure(report), width="stretch")
+
+
+# --- training section -----------------------------------------------------------------------
+class _LiveView:
+    """Progress bar plus curves, redrawn at most every ``every`` seconds."""
+
+    def __init__(self, every: float = 1.0):
+        self.bar = st.progress(0.0, text="starting…")
+        self.chart = st.empty()
+        self.history: list[dict] = []
+        self.every, self.last = every, 0.0
+
+    def progress(self, fraction: float, message: str) -> None:
+        self.bar.progress(min(max(fraction, 0.0), 1.0), text=message)
+
+    def metrics(self, record: dict) -> None:
+        self.history.append(record)
+        if time.monotonic() - self.last >= self.every:
+            self.draw()
+
+    def draw(self) -> None:
+        self.last = time.monotonic()
+        if self.history:
+            self.chart.plotly_chart(training_curves_figure(self.history), width="stretch")
+
+
+def _store_entries() -> list[dict]:
+    from engine.store import list_stores
+
+    return [entry for entry in list_stores() if entry["complete"] and entry["manifest"]]
+
+
+def _store_label(entry: dict) -> str:
+    manifest = entry["manifest"]
+    layers = manifest.get("layers", [])
+    span = f"{layers[0]}..{layers[-1]}" if len(layers) > 1 else str(layers[0]) if layers else "-"
+    return (f"{manifest.get('model')} · {manifest.get('corpus') or 'corpus'} · {manifest.get('n_tokens', 0):,} tokens "
+            f"· layers {span} · {entry['name']}")
+
+
+def _train_from_store(entry: dict, site: str, layer: int, settings: dict, out: Path, view: _LiveView) -> dict:
+    from engine.sae_eval import evaluate_on_store, report_to_json
+    from engine.sae_train import TrainConfig, train_sae
+    from engine.store import ActivationStore
+
+    store = ActivationStore.open(entry["path"])
+    config = TrainConfig(**settings)
+    result = train_sae(store, out, site=site, layer=layer, config=config, progress=view.progress,
+                       on_metrics=view.metrics)
+    view.draw()
+    view.progress(1.0, "evaluating on the cached activations…")
+    report = report_to_json(evaluate_on_store(result.sae, store, site=site, layer=layer))
+    return {"path": str(result.path), "report": report, "tokens_per_second": result.tokens_per_second}
+
+
+def render_sae_training_section() -> None:
+    """Start an SAE training job (or the demo SAE) with a progress bar and live curves."""
+    st.subheader("Train a sparse autoencoder")
+    st.caption("TopK (default) or L1 SAEs on cached activations, saved in the SAELens format under cache/saes. "
+               "An interrupted run resumes from its last checkpoint when started again with the same settings.")
+    try:
+        entries = _store_entries()
+    except UserError as exc:
+        show_user_error(exc)
+        entries = []
+
+    with st.expander("Demo SAE: built-in corpus on gemma-3-270m, middle layer (a few minutes on CPU)"):
+        if st.button("Train the demo SAE", key="sae_demo_button"):
+            from engine.sae_train import train_demo_sae
+
+            view = _LiveView()
+            try:
+                result = train_demo_sae(progress=view.progress, on_metrics=view.metrics)
+                view.draw()
+                st.session_state["sae_last_result"] = {"path": result["path"], "report": result["report"]}
+            except UserError as exc:
+                show_user_error(exc)
+
+    if not entries:
+        st.info("No activation store yet: cache activations above (or train the demo SAE, which captures its own).")
+    else:
+        labels = [_store_label(entry) for entry in entries]
+        choice = st.selectbox("Activation store", range(len(entries)), format_func=lambda i: labels[i],
+                              key="sae_store")
+        entry = entries[choice]
+        manifest = entry["manifest"]
+        cols = st.columns(3)
+        site = cols[0].selectbox("Site", manifest.get("sites", ["resid_post"]), key="sae_site")
+        layers = manifest.get("layers", [0])
+        layer = cols[1].selectbox("Layer", layers, index=len(layers) // 2, key="sae_layer")
+        arch = cols[2].radio("Architecture", ["topk", "standard"], horizontal=True, key="sae_arch")
+        d_in = int(manifest.get("widths", {}).get(site, manifest.get("d_model", 0)) or 0)
+        cols = st.columns(4)
+        width = cols[0].number_input("Latents (d_sae)", 16, 1 << 20, value=max(16, 8 * d_in), step=256,
+                                     key="sae_width")
+        if arch == "topk":
+            k = cols[1].number_input("k (active latents)", 1, 4096, value=32, key="sae_k")
+            l1 = 5.0
+        else:
+            l1 = cols[1].number_input("L1 coefficient", 0.0, 1000.0, value=5.0, key="sae_l1")
+            k = 32
+        lr = cols[2].number_input("Learning rate", 1e-6, 1.0, value=1e-3, format="%.5f", key="sae_lr")
+        batch = cols[3].number_input("Batch size", 16, 65536, value=1024, step=256, key="sae_batch")
+        n_tokens = int(manifest.get("n_tokens", 0))
+        cols = st.columns(2)
+        tokens = cols[0].number_input("Token budget", 1024, 10 ** 10, value=max(1024, 2 * n_tokens), step=10_000,
+                                      key="sae_tokens", help="more than the store holds means several epochs")
+        default_name = f"{Path(entry['name']).name}-L{layer}-{site}-{arch}-w{int(width)}"
+        name = cols[1].text_input("Save as (folder under cache/saes)", value=default_name, key="sae_name")
+        if st.button("Start training", type="primary", key="sae_start"):
+            from engine.models import cache_root
+
+            clean = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name.strip()).strip(".")
+            if not clean:
+                st.error("Give the SAE a folder name made of letters, digits, '-', '_' or '.'.")
+            else:
+                settings = dict(architecture=arch, d_sae=int(width), k=int(k), l1_coefficient=float(l1), lr=float(lr),
+                                batch_size=int(batch), total_tokens=int(tokens), warmup_steps=20,
+                                log_every=5, checkpoint_every=100)
+                view = _LiveView()
+                try:
+                    st.session_state["sae_last_result"] = _train_from_store(
+                        entry, site, int(layer), settings, cache_root() / "saes" / clean, view)
+                except UserError as exc:
+                    show_user_error(exc)
+
+    last = st.session_state.get("sae_last_result")
+    if last:
+        st.success(f"Saved {last['path']}")
+        if last.get("report"):
+            render_sae_report_card(last["report"])

@@ -1,0 +1,214 @@
+"""CLI: ``sae train``, ``sae eval``, ``sae demo`` and ``sae info`` (sparse autoencoders)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .cli import add_model_args, emit
+from .errors import UserError
+
+
+class SAECliError(UserError):
+    pass
+
+
+def _open_store(path: str):
+    try:
+        from .store import ActivationStore
+    except ImportError as exc:  # pragma: no cover - the store ships with the engine
+        raise SAECliError("The activation store module is not available in this installation.") from exc
+    return ActivationStore.open(path)
+
+
+def _bar(desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=1000, desc=desc, unit="‰", bar_format="{l_bar}{bar}| {postfix}", file=sys.stderr)
+
+
+def _progress(bar):
+    def progress(fraction: float, message: str) -> None:
+        bar.update(max(0, round(fraction * 1000) - bar.n))
+        bar.set_postfix_str(message, refresh=True)
+    return progress
+
+
+def _train(args) -> int:
+    from .sae_train import TrainConfig, train_sae
+
+    store = _open_store(args.store)
+    site = args.site
+    layer = args.layer if args.layer is not None else (store.layers[0] if len(store.layers) == 1 else None)
+    if layer is None:
+        raise SAECliError(f"The store holds layers {store.layers}: choose one with --layer.")
+    out = Path(args.out) if args.out else _default_out(store, site, layer, args)
+    config = TrainConfig(architecture=args.arch, d_sae=args.width, expansion_factor=args.expansion, k=args.k,
+                         l1_coefficient=args.l1, lr=args.lr, warmup_steps=args.warmup, batch_size=args.batch_size,
+                         total_tokens=args.tokens or store.n_tokens, b_dec_init=args.b_dec_init,
+                         checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device)
+    with _bar(f"sae {args.arch} L{layer}") as bar:
+        result = train_sae(store, out, site=site, layer=layer, config=config, resume=not args.restart,
+                           progress=_progress(bar))
+    final = result.history[-1] if result.history else {}
+    payload = {"path": str(result.path), "tokens": result.tokens, "steps": result.steps,
+               "seconds": round(result.seconds, 2), "tokens_per_second": round(result.tokens_per_second),
+               "resumed_from_step": result.resumed_from_step, "final": final}
+    text = (f"saved {result.path}\n{result.tokens:,} tokens in {result.seconds:.1f} s "
+            f"({result.tokens_per_second:,.0f} tok/s); L0 {final.get('l0', float('nan')):.1f}, "
+            f"explained variance {final.get('explained_variance', float('nan')):.3f}, "
+            f"dead {100 * final.get('dead_fraction', 0):.1f}%")
+    emit(payload, args.json, text)
+    return 0
+
+
+def _default_out(store, site: str, layer: int, args) -> Path:
+    from .models import cache_root
+
+    slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in store.model_name)[-40:]
+    width = args.width or f"x{args.expansion:g}"
+    detail = f"k{args.k}" if args.arch == "topk" else f"l1-{args.l1:g}"
+    return cache_root() / "saes" / f"{slug}-L{layer}-{site}-{args.arch}-{detail}-w{width}"
+
+
+def _format_report(report: dict) -> str:
+    def fmt(value, spec=".4f"):
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [f"SAE {report['sae'].get('architecture')} d_sae={report['sae'].get('d_sae')} on "
+             f"{report['site']} layer {report['layer']} ({report['n_tokens']:,} tokens, from {report['source']})",
+             f"  L0                  {fmt(report['l0'], '.2f')}",
+             f"  explained variance  {fmt(report['explained_variance'])}",
+             f"  MSE                 {fmt(report['mse'], '.5g')}",
+             f"  cosine              {fmt(report['cosine'])}",
+             f"  dead                {100 * report['dead_fraction']:.2f} %",
+             f"  dense (>10%)        {100 * report['dense_fraction']:.2f} %"]
+    ce = report.get("ce")
+    if ce:
+        lines += [f"  CE clean            {fmt(ce['clean'])}",
+                  f"  CE with SAE         {fmt(ce['spliced'])}  (+{fmt(ce['delta'])})",
+                  f"  CE zero-ablated     {fmt(ce['zero_ablated'])}",
+                  f"  CE loss recovered   {fmt(ce['recovered'])}"]
+    return "\n".join(lines)
+
+
+def _eval(args) -> int:
+    from .sae import load_sae
+    from .sae_eval import evaluate_on_store, evaluate_with_model, held_out_texts, report_to_json
+
+    sae = load_sae(args.sae)
+    store = _open_store(args.store) if args.store else None
+    site, layer = (args.site, args.layer) if args.layer is not None else sae.cfg.site()
+    if args.no_ce:
+        if store is None:
+            raise SAECliError("Without the model (--no-ce), evaluation needs cached activations: pass --store.")
+        with _bar("eval") as bar:
+            report = evaluate_on_store(sae, store, site=site, layer=layer, max_tokens=args.max_tokens,
+                                       progress=_progress(bar))
+    else:
+        from .cli import load_from_args
+
+        if args.model is None:
+            args.model = store.model_name if store is not None else sae.cfg.model_name
+            if not args.model:
+                raise SAECliError("The SAE names no model: pass --model.")
+        lm = load_from_args(args)
+        if store is not None:
+            store.check_model(lm)
+        texts = held_out_texts(store, args.corpus, args.skip_docs)
+        with _bar("eval") as bar:
+            report = evaluate_with_model(sae, lm, texts, site=site, layer=layer, max_tokens=args.max_tokens,
+                                         context_length=args.context_length, batch_size=args.batch_size,
+                                         progress=_progress(bar))
+    report = report_to_json(report)
+    emit(report, args.json, _format_report(report))
+    return 0
+
+
+def _demo(args) -> int:
+    from .sae_train import DemoSettings, train_demo_sae
+
+    settings = DemoSettings(model=args.model, layer=args.layer, capture_tokens=args.capture_tokens,
+                            train_tokens=args.train_tokens, width=args.width, k=args.k, name=args.name)
+    with _bar("demo SAE") as bar:
+        result = train_demo_sae(settings, progress=_progress(bar), evaluate=not args.no_eval)
+    text = f"saved {result['path']}\ntraining: {result['train']}"
+    if result["report"]:
+        text += "\n" + _format_report(result["report"])
+    emit(result, args.json, text)
+    return 0
+
+
+def _info(args) -> int:
+    from .sae import describe, load_sae, load_sparsity
+
+    sae = load_sae(args.sae)
+    payload = describe(sae)
+    sparsity = load_sparsity(args.sae)
+    if sparsity is not None:
+        payload["dead_in_training"] = float((sparsity <= -9.99).float().mean())
+    emit(payload, args.json)
+    return 0
+
+
+def register(sub) -> None:
+    sae = sub.add_parser("sae", help="sparse autoencoders: train, evaluate, demo, info")
+    inner = sae.add_subparsers(dest="sae_command", required=True)
+
+    p = inner.add_parser("train", help="train an SAE on an activation store",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--store", required=True, help="activation store folder")
+    p.add_argument("--site", default="resid_post")
+    p.add_argument("--layer", type=int, help="layer to train on (default: the store's only layer)")
+    p.add_argument("--arch", choices=("topk", "standard"), default="topk")
+    p.add_argument("--width", type=int, help="number of latents (d_sae); overrides --expansion")
+    p.add_argument("--expansion", type=float, default=8.0, help="d_sae / d_in when --width is not given")
+    p.add_argument("--k", type=int, default=32, help="active latents per token (topk)")
+    p.add_argument("--l1", type=float, default=5.0, help="L1 coefficient (standard)")
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--warmup", type=int, default=100, help="learning-rate warm-up steps")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--tokens", type=int, help="token budget (default: one pass over the store)")
+    p.add_argument("--b-dec-init", choices=("geometric_median", "mean", "zeros"), default="geometric_median")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="output folder (default: cache/saes/<model>-L<layer>-...)")
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_train)
+
+    p = inner.add_parser("eval", help="report card: L0, explained variance, CE loss recovered, dead/dense latents",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.set_defaults(model=None)
+    p.add_argument("--sae", required=True, help="SAE folder (SAELens format)")
+    p.add_argument("--store", help="activation store the SAE was trained on (model, corpus, held-out split)")
+    p.add_argument("--site", default="resid_post", help="with --layer: override the SAE's hook")
+    p.add_argument("--layer", type=int)
+    p.add_argument("--corpus", help="held-out text (default: the store's corpus, else 'builtin')")
+    p.add_argument("--skip-docs", type=int, help="documents to skip (default: those the store captured)")
+    p.add_argument("--max-tokens", type=int, default=16_384)
+    p.add_argument("--context-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--no-ce", action="store_true", help="reconstruction stats from the store only (no model)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_eval)
+
+    p = inner.add_parser("demo", help="capture the built-in corpus and train a small SAE (minutes on CPU)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--layer", type=int, help="default: the middle layer")
+    p.add_argument("--capture-tokens", type=int, default=40_000)
+    p.add_argument("--train-tokens", type=int, default=120_000)
+    p.add_argument("--width", type=int, default=2048)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--name", help="folder name under cache/saes")
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_demo)
+
+    p = inner.add_parser("info", help="describe an SAE folder")
+    p.add_argument("--sae", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_info)
