@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PORT ?= 8501
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench clean-cache
+.PHONY: install run test test-fast bench clean-cache demo-sae demo-lens
 
 $(STAMP): requirements.txt requirements-dev.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,14 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not real_model and not browser"
 
-bench: install
-	$(PY) benchmarks/lens.py
+bench: install  ## every benchmark; each prints ratios against a baseline measured in the same run
+	for b in benchmarks/lens.py benchmarks/capture.py benchmarks/projections.py benchmarks/sae.py; do $(PY) $$b || exit 1; done
 
 clean-cache:
 	rm -rf cache/models cache/activations cache/saes cache/dashboards cache/projections cache/gguf
+
+demo-sae: install  ## capture the built-in corpus on the default model and train a small SAE on a middle layer
+	$(PY) -m engine sae demo
+
+demo-lens: install  ## train a tuned lens for the default model on the built-in corpus
+	$(PY) -m engine tuned-lens train --model gemma-3-270m --corpus builtin --steps 30 --batch-size 4 --seq-len 48 --vocab-subset 8192 --eval-tokens 128

@@ -1,33 +1,58 @@
 """Layer-by-layer token probabilities: logit lens heatmap, tracked tokens, latent language."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
 from components.lens_plots import METRICS, latent_language_figure, lens_heatmap, topk_table, tracked_lines
 from components.session import cache_key, current_model, get_model_by_key, model_key
+from components.tuned_lens_ui import DISAGREEMENT, comparison_figure, disagreement_heatmap, summary_line
 from engine.errors import UserError
 from engine.latent_language import run_latent_language
 from engine.lens import check_prompt, run_lens
 from engine.prompt_sets import LANGUAGES
+from engine.tuned_lens import TunedLens, compare_lenses, list_lenses
 
 DEFAULT_PROMPT = "The capital of France is"
 MAX_COLUMNS = 40        # heatmap columns drawn at once; longer prompts get a window slider
 MAX_VIEW_TOKENS = 4096  # the view's own limit on top of the model's context length
 
 
+@st.cache_resource(show_spinner=False, max_entries=4)
+def load_tuned_lens(key: tuple, model_id: str, folder: str, mtime: float) -> TunedLens:
+    return TunedLens.load(folder, get_model_by_key(key)).to(get_model_by_key(key).device)
+
+
+def _lens_transform(key: tuple, model_id: str, lens_dir: str):
+    """(transform, name) for the chosen lens; '' is the logit lens."""
+    if not lens_dir:
+        return None, "logit"
+    return load_tuned_lens(key, model_id, lens_dir, Path(lens_dir).stat().st_mtime), "tuned"
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def compute_lens(key: tuple, model_id: str, prompt: str, top_k: int, track: tuple[str, ...], sublayers: bool,
-                 positions: tuple[int, ...]):
+                 positions: tuple[int, ...], lens_dir: str = ""):
     lm = get_model_by_key(key)
+    transform, name = _lens_transform(key, model_id, lens_dir)
     return run_lens(lm, prompt, top_k=top_k, track=list(track), sublayers=sublayers, positions=list(positions),
-                    max_tokens=MAX_VIEW_TOKENS)
+                    max_tokens=MAX_VIEW_TOKENS, transform=transform, lens_name=name)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def compute_latent(key: tuple, model_id: str, source: str, target: str, _progress=None) -> dict:
+def compute_latent(key: tuple, model_id: str, source: str, target: str, lens_dir: str = "", _progress=None) -> dict:
     lm = get_model_by_key(key)
-    return run_latent_language(lm, source, target, progress=_progress).summary()
+    transform, name = _lens_transform(key, model_id, lens_dir)
+    return run_latent_language(lm, source, target, transform=transform, lens_name=name, progress=_progress).summary()
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def compute_comparison(key: tuple, model_id: str, lens_dir: str, tokens: int, _progress=None):
+    lm = get_model_by_key(key)
+    transform, _ = _lens_transform(key, model_id, lens_dir)
+    return compare_lenses(lm, transform, "builtin", max_tokens=tokens, progress=_progress)
 
 
 def _init_state() -> None:
@@ -52,7 +77,7 @@ def _selected_cell(event, rows: int, cols: int) -> tuple[int, int] | None:
     return None
 
 
-st.title("Logit lens")
+st.title("Lens: layer-by-layer token probabilities")
 lm = current_model()
 key = model_key()
 mid = cache_key(lm)
@@ -67,6 +92,15 @@ track_text = c2.text_input("Tracked tokens (comma-separated, spaces matter)", ke
 top_k = c3.number_input("Top-k", min_value=1, max_value=50, key="lens_topk")
 sublayers = c4.toggle("Sub-blocks", key="lens_sublayers", help="Also read out after each attention block.")
 track = tuple(t for t in (part for part in track_text.split(",")) if t.strip())
+
+lens_dirs = [str(p) for p in list_lenses(lm)]
+lens_options = [""] + lens_dirs
+lens_dir = st.radio(
+    "Lens", lens_options, horizontal=True, key="lens_kind",
+    format_func=lambda d: "Logit lens" if not d else f"Tuned lens ({Path(d).name})",
+    help="The tuned lens adds a learned affine translator per layer before the final norm and unembedding. "
+         "Train one on the Jobs page or with `make demo-lens`." + ("" if lens_dirs else
+                                                                    " None is trained for this model yet."))
 
 prompt = st.session_state["lens_prompt"]
 try:
@@ -87,7 +121,7 @@ if metric.startswith("tracked") and not track:
     metric = "top1"
 try:
     with st.spinner("Running the lens…"):
-        result = compute_lens(key, mid, prompt, int(top_k), track, sublayers, positions)
+        result = compute_lens(key, mid, prompt, int(top_k), track, sublayers, positions, lens_dir)
 except UserError as exc:
     st.error(str(exc))
     st.stop()
@@ -125,6 +159,30 @@ d1.download_button("Download data (CSV)", pd.DataFrame(result.to_records()).to_c
 d2.download_button("Download figure (HTML)", fig.to_html(include_plotlyjs=True), file_name="logit_lens.html",
                    mime="text/html")
 
+if lens_dirs:
+    st.divider()
+    st.subheader("Logit lens vs tuned lens")
+    chosen = lens_dir or lens_dirs[0]
+    try:
+        logit_result = compute_lens(key, mid, prompt, int(top_k), track, sublayers, positions, "")
+        tuned_result = compute_lens(key, mid, prompt, int(top_k), track, sublayers, positions, chosen)
+        how = st.selectbox("Disagreement on this prompt", list(DISAGREEMENT), format_func=DISAGREEMENT.get,
+                           key="lens_disagreement")
+        st.plotly_chart(disagreement_heatmap(logit_result, tuned_result, how), width="stretch")
+        st.caption(summary_line(logit_result, tuned_result))
+        tokens = st.select_slider("Held-out tokens for the per-layer comparison", [128, 256, 512, 1024], value=256,
+                                  key="lens_cmp_tokens")
+        if st.button("Compare KL and cross-entropy per layer on held-out text", key="lens_cmp_run") or \
+                st.session_state.get("lens_cmp_done") == (mid, chosen, tokens):
+            bar = st.progress(0.0, text="Scoring held-out text with both lenses…")
+            comparison = compute_comparison(key, mid, chosen, tokens, _progress=lambda f, m: bar.progress(f, text=m))
+            bar.empty()
+            st.session_state["lens_cmp_done"] = (mid, chosen, tokens)
+            st.plotly_chart(comparison_figure(comparison), width="stretch")
+            st.dataframe(pd.DataFrame(comparison.to_records()).round(3), hide_index=True)
+    except UserError as exc:
+        st.error(str(exc))
+
 st.divider()
 st.subheader("Latent language")
 st.caption("Few-shot translation prompts from the built-in concept list; per layer, the probability of the answer "
@@ -141,7 +199,7 @@ if l3.button("Run latent-language analysis", type="primary") or st.session_state
                                                                                                      target):
     try:
         bar = st.progress(0.0, text=f"Reading out {source}→{target} translation prompts layer by layer…")
-        summary = compute_latent(key, mid, source, target, _progress=lambda f: bar.progress(f))
+        summary = compute_latent(key, mid, source, target, lens_dir, _progress=lambda f: bar.progress(f))
         bar.empty()
         st.session_state["ll_done"] = (mid, source, target)
         st.plotly_chart(latent_language_figure(summary, LANGUAGES[target]), width="stretch")
