@@ -15,7 +15,8 @@ import sys
 from .errors import UserError
 
 # one module per topic; a module not written yet is skipped
-COMMAND_MODULES = ["engine.cli_lens", "engine.cli_store", "engine.cli_sae", "engine.cli_tuned_lens"]
+COMMAND_MODULES = ["engine.cli_lens", "engine.cli_store", "engine.cli_sae", "engine.cli_tuned_lens",
+                   "engine.cli_dashboards", "engine.cli_interventions"]
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
