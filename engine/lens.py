@@ -179,8 +179,11 @@ def _row_plan(n_layers: int, sublayers: bool) -> tuple[list[str], list[int | Non
     return names, hidden, source
 
 
-def _decode_tokens(tokenizer, ids) -> list[str]:
-    return [tokenizer.decode([int(i)]) for i in ids]
+def decode_table(tokenizer, ids: np.ndarray) -> np.ndarray:
+    """Decode an id array of any shape into strings, decoding each distinct id once (batched)."""
+    unique, inverse = np.unique(ids, return_inverse=True)
+    strings = np.array(tokenizer.batch_decode(unique.reshape(-1, 1).tolist()), dtype=object)
+    return strings[inverse].reshape(ids.shape)
 
 
 def run_lens(lm, prompt: str | Sequence[int], *, top_k: int = 10, track: Sequence[str] = (),
@@ -223,10 +226,9 @@ def run_lens(lm, prompt: str | Sequence[int], *, top_k: int = 10, track: Sequenc
             model_logits = output.logits[0].float()
             diff = float((last - model_logits).abs().max())
     top_ids = stats["top_ids"].numpy()
-    top_tokens = [[_decode_tokens(tokenizer, top_ids[r, j]) for j in range(top_ids.shape[1])]
-                  for r in range(top_ids.shape[0])]
+    top_tokens = decode_table(tokenizer, top_ids).tolist()
     return LensResult(
-        token_ids=ids, tokens=_decode_tokens(tokenizer, ids), row_names=names, row_hidden_index=hidden_index,
+        token_ids=ids, tokens=decode_table(tokenizer, np.array(ids)).tolist(), row_names=names, row_hidden_index=hidden_index,
         positions=chosen_positions, top_ids=top_ids, top_probs=stats["top_probs"].numpy(), top_tokens=top_tokens,
         entropy=stats["entropy"].numpy(), kl_to_final=stats["kl"].numpy(),
         tracked_ids=tracked_ids, tracked_labels=[w for w in track if w],
