@@ -17,6 +17,7 @@ SECTIONS = [  # (module, function) in display order
     ("components.jobs_capture", "render_stores_section"),
     ("components.jobs_sae", "render_sae_training_section"),
     ("components.jobs_tuned_lens", "render_tuned_lens_section"),
+    ("components.jobs_dashboards", "render_dashboards_section"),
 ]
 
 

@@ -1,0 +1,288 @@
+"""SAE features: the feature browser (list, feature page, what fires on my text, feature map).
+
+Reads dashboards built by :mod:`engine.dashboards` (Jobs & data page or ``python -m engine dashboards``).
+Query parameters ``sae`` (SAE folder name or dashboard folder name) and ``feature`` open a feature directly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from components.feature_views import (density_text, feature_map_figure, highlight_tokens_html, histogram_figure,
+                                      logit_table)
+from components.lens_plots import show_token
+from components.session import cache_key, current_model, show_user_error
+from engine.dashboards import DENSE_DENSITY, Dashboard, list_dashboards, text_activations
+from engine.errors import UserError
+
+SORTS = {"density": "density", "max activation": "max_act", "mean activation": "mean_act", "feature id": "feature",
+         "top logit token": "top_logits"}
+DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France."
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _dashboard(path: str, stamp: float) -> Dashboard:
+    return Dashboard.open(path)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _feature_data(path: str, stamp: float, feature: int) -> dict:
+    return _dashboard(path, stamp).feature(feature)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _contexts(path: str, stamp: float, feature: int, rows: tuple[int, ...], _tokenizer) -> list[dict]:
+    return _dashboard(path, stamp).contexts(feature, list(rows), _tokenizer)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _text_acts(path: str, stamp: float, model: str, text: str, _lm) -> tuple[list[str], np.ndarray]:
+    dash = _dashboard(path, stamp)
+    tokens, acts = text_activations(_lm, dash.sae(), dash.site, dash.layer, text)
+    return tokens, acts.numpy()
+
+
+def _open_feature(feature: int) -> None:
+    """Callback: show ``feature`` on the Feature tab (applied before its widget is drawn)."""
+    st.session_state["_features_pending"] = int(feature)
+
+
+# --- page -----------------------------------------------------------------------------------
+st.title("SAE features")
+lm = current_model()
+entries = list_dashboards(weights_hash=lm.weights_hash)
+if not entries:
+    st.info(f"No feature dashboards for **{lm.name}** yet. Build them on the **Jobs & data** page, or run "
+            "`python -m engine dashboards --sae DIR --store DIR`.")
+    st.stop()
+
+params = st.query_params
+names = [entry["name"] for entry in entries]
+labels = {entry["name"]: f"{entry['manifest']['sae_name']} · {entry['manifest']['site']} L{entry['manifest']['layer']}"
+                         f" · {entry['manifest']['d_sae']:,} features" for entry in entries}
+if "features_sae" not in st.session_state or st.session_state["features_sae"] not in names:
+    wanted = params.get("sae")
+    match = [e["name"] for e in entries if wanted in (e["name"], e["manifest"]["sae_name"])]
+    if wanted and not match:
+        st.error(f"No dashboard for the SAE '{wanted}' on this model; showing another one.")
+    st.session_state["features_sae"] = match[0] if match else names[0]
+chosen = st.selectbox("SAE", names, key="features_sae", format_func=labels.get)
+entry = next(e for e in entries if e["name"] == chosen)
+path, stamp = entry["path"], entry["mtime"]
+try:
+    dash = _dashboard(path, stamp)
+    summary = dash.summary()
+except UserError as exc:
+    show_user_error(exc)
+    st.stop()
+params["sae"] = entry["manifest"]["sae_name"]
+st.caption(f"{summary['features']:,} features · {summary['tokens']:,} tokens · {summary['dead']:,} dead · "
+           f"{summary['dense']:,} dense (>{100 * DENSE_DENSITY:g} %) · store `{Path(dash.manifest['store_path']).name}`")
+
+# the feature shown: query param on first load, then the number input; clicks elsewhere go through _pending
+if "feature_id" not in st.session_state:
+    raw = params.get("feature")
+    try:
+        st.session_state["feature_id"] = int(raw) if raw is not None else None
+    except ValueError:
+        st.error(f"The link's feature '{raw}' is not a number; enter a feature id.")
+        st.session_state["feature_id"] = None
+if "_features_pending" in st.session_state:
+    st.session_state["feature_id"] = st.session_state.pop("_features_pending")
+
+tab_feature, tab_list, tab_text, tab_map = st.tabs(["Feature", "Feature list", "What fires on my text",
+                                                    "Feature map"])
+
+# --- feature page -----------------------------------------------------------------------------
+with tab_feature:
+    st.number_input("Feature id", min_value=0, step=1, key="feature_id", placeholder="pick a feature from the list")
+    feature = st.session_state.get("feature_id")
+    if feature is None:
+        st.info("Choose a feature in the list, on the map, or on your text; or type its id.")
+    else:
+        try:
+            data = _feature_data(path, stamp, int(feature))
+        except UserError as exc:
+            show_user_error(exc)
+            data = None
+        if data is not None:
+            params["feature"] = str(int(feature))
+            stats = data["stats"]
+            st.subheader(f"Feature #{int(feature)}" + (f" — {stats['act_tokens'].split(' | ')[0]}"
+                                                          if stats["act_tokens"] else ""))
+            cols = st.columns(4)
+            cols[0].metric("Density", f"{100 * stats['density']:.3g} %", help=density_text(stats["density"]))
+            cols[1].metric("Max activation", f"{stats['max_act']:.3g}")
+            cols[2].metric("Mean when firing", f"{stats['mean_act']:.3g}")
+            cols[3].metric("Firing tokens", f"{int(stats['count']):,}")
+            if stats["dead"]:
+                st.warning("This feature never fired on the store's tokens.")
+            left, right = st.columns([3, 2])
+            with left:
+                if len(data["histogram"]):
+                    st.plotly_chart(histogram_figure(data["histogram"], mark=data["top"]["act"].tolist()[:1]),
+                                    key="feature_hist")
+            with right:
+                st.markdown("**Logit effects** (decoder direction · final-norm gain · unembedding)")
+                st.dataframe(logit_table(data["logits"]), hide_index=True, height=260)
+            top = data["top"]
+            scale = float(stats["max_act"]) or 1.0
+            if len(top):
+                st.markdown("**Top activations**")
+                contexts = _contexts(path, stamp, int(feature), tuple(int(r) for r in top["row"]), lm.tokenizer)
+                st.markdown("".join(highlight_tokens_html(c["tokens"], c["acts"], scale, c["focus"],
+                                                          prefix=f"{act:.3g}")
+                                    for c, act in zip(contexts, top["act"])), unsafe_allow_html=True)
+            samples = data["intervals"]
+            if len(samples):
+                with st.expander("Samples from activation intervals", expanded=False):
+                    contexts = _contexts(path, stamp, int(feature), tuple(int(r) for r in samples["row"]),
+                                         lm.tokenizer)
+                    blocks = []
+                    for interval, group in samples.groupby("interval", sort=False):
+                        first = group.iloc[0]
+                        blocks.append(f"<div style='margin-top:8px;font-weight:600'>Interval {first['lo']:.3g} – "
+                                      f"{first['hi']:.3g}</div>")
+                        for index in group.index:
+                            ctx = contexts[samples.index.get_loc(index)]
+                            blocks.append(highlight_tokens_html(ctx["tokens"], ctx["acts"], scale, ctx["focus"],
+                                                                prefix=f"{samples.loc[index, 'act']:.3g}"))
+                    st.markdown("".join(blocks), unsafe_allow_html=True)
+            st.markdown("**Nearest features** (decoder cosine)")
+            neighbours = data["neighbours"]
+            cols = st.columns(5)
+            for i, row in enumerate(neighbours.itertuples()):
+                label = " | ".join(str(row.act_tokens).split(" | ")[:2]) or "dead"
+                cols[i % 5].button(f"#{row.neighbour} · {row.cosine:.2f} · {show_token(label, 18)}",
+                                   key=f"neighbour_{i}", on_click=_open_feature, args=(int(row.neighbour),))
+            test_text = st.text_input("Test this feature on your text", key="feature_test_text",
+                                      placeholder="type a sentence and press Enter")
+            if test_text.strip():
+                try:
+                    tokens, acts = _text_acts(path, stamp, cache_key(lm), test_text, lm)
+                    column = acts[:, int(feature)]
+                    st.markdown(highlight_tokens_html(tokens, column.tolist(), scale,
+                                                      prefix=f"max {float(column.max()):.3g}"),
+                                unsafe_allow_html=True)
+                except UserError as exc:
+                    show_user_error(exc)
+
+# --- feature list -----------------------------------------------------------------------------
+with tab_list:
+    cols = st.columns([3, 2, 1, 2, 2])
+    search = cols[0].text_input("Search tokens and logits", key="features_search",
+                                placeholder="a word, or a feature id")
+    sort = cols[1].selectbox("Sort by", list(SORTS), key="features_sort")
+    descending = cols[2].toggle("Descending", value=True, key="features_desc")
+    hide_dense = cols[3].checkbox(f"Hide dense (>{100 * DENSE_DENSITY:g} %)", value=True, key="features_hide_dense")
+    min_max = cols[4].number_input("Min max activation", min_value=0.0, value=0.0, key="features_min_max")
+    try:
+        table = dash.feature_table(sort=SORTS[sort], descending=descending, hide_dense=hide_dense,
+                                   min_max_act=min_max, search=search)
+    except UserError as exc:
+        show_user_error(exc)
+        table = pd.DataFrame()
+    st.caption(f"{len(table):,} features shown (at most 1,000); select a row to open it.")
+    if len(table):
+        shown = table.assign(density=100 * table["density"], link=[f"?sae={params['sae']}&feature={f}"
+                                                                    for f in table["feature"]])
+        event = st.dataframe(
+            shown[["feature", "density", "max_act", "mean_act", "act_tokens", "top_logits", "bottom_logits", "link"]],
+            hide_index=True, on_select="rerun", selection_mode="single-row", key="features_table", height=460,
+            column_config={"density": st.column_config.NumberColumn("density %", format="%.3g"),
+                           "max_act": st.column_config.NumberColumn("max", format="%.3g"),
+                           "mean_act": st.column_config.NumberColumn("mean", format="%.3g"),
+                           "act_tokens": "top activating tokens", "top_logits": "promotes",
+                           "bottom_logits": "suppresses",
+                           "link": st.column_config.LinkColumn("link", display_text="open")})
+        selected = event.selection.rows if event is not None else []
+        marker = (tuple(selected), search, sort, descending, hide_dense, min_max)
+        if selected and st.session_state.get("_features_list_pick") != marker:
+            st.session_state["_features_list_pick"] = marker
+            _open_feature(int(table["feature"].iloc[selected[0]]))
+            st.rerun()
+    dead = dash.feature_table(dead=True, sort="feature", descending=False, limit=100_000)
+    with st.expander(f"Dead features ({len(dead):,})"):
+        st.write(", ".join(map(str, dead["feature"].tolist())) or "none")
+
+# --- what fires on my text ----------------------------------------------------------------------
+with tab_text:
+    text = st.text_area("Your text", value=DEFAULT_TEXT, key="fires_text", height=90)
+    if text.strip():
+        try:
+            tokens, acts = _text_acts(path, stamp, cache_key(lm), text, lm)
+        except UserError as exc:
+            show_user_error(exc)
+            tokens, acts = [], np.zeros((0, dash.d_sae))
+        if tokens:
+            best = acts.max(axis=1)
+            st.markdown(highlight_tokens_html(tokens, best.tolist(), float(best.max()) or 1.0,
+                                              prefix="strongest feature per token"), unsafe_allow_html=True)
+            k = min(3, acts.shape[1])
+            top_ids = np.argsort(-acts, axis=1)[:, :k]
+            names_of = dash.labels(sorted({int(f) for f in top_ids.reshape(-1)}))
+            rows = [{"position": i, "token": show_token(tok, 16),
+                     **{f"feature {j + 1}": (f"#{top_ids[i, j]} ({acts[i, top_ids[i, j]]:.2f}) "
+                                             f"{names_of.get(int(top_ids[i, j]), '')}"
+                                             if acts[i, top_ids[i, j]] > 0 else "")
+                        for j in range(k)}} for i, tok in enumerate(tokens)]
+            st.dataframe(pd.DataFrame(rows), hide_index=True, key="fires_tokens")
+            position = st.selectbox("Rank features at token", list(range(len(tokens))), key="fires_position",
+                                    index=int(np.argmax(best)),
+                                    format_func=lambda i: f"{i}: {show_token(tokens[i], 20)}")
+            order = np.argsort(-acts[position])[:20]
+            order = [int(f) for f in order if acts[position, f] > 0]
+            if order:
+                ranked_labels = dash.labels(order)
+                ranked = pd.DataFrame({"feature": order, "activation": [float(acts[position, f]) for f in order],
+                                       "top activating tokens": [ranked_labels.get(f, "") for f in order]})
+                event = st.dataframe(ranked, hide_index=True, on_select="rerun", selection_mode="single-row",
+                                     key="fires_ranked")
+                selected = event.selection.rows if event is not None else []
+                marker = (tuple(selected), position, text)
+                if selected and st.session_state.get("_features_text_pick") != marker:
+                    st.session_state["_features_text_pick"] = marker
+                    _open_feature(order[selected[0]])
+                    st.rerun()
+                st.caption("Select a row to open that feature on the Feature tab.")
+            else:
+                st.caption("No feature fires on this token.")
+
+# --- feature map --------------------------------------------------------------------------------
+with tab_map:
+    cols = st.columns([1, 2])
+    method = cols[0].radio("Projection", ["umap", "pca"], key="map_method", horizontal=True)
+    color_by = cols[1].radio("Colour by", ["log10 density", "cosine to the current feature"], key="map_color",
+                             horizontal=True)
+    ready = (Path(path) / f"map_{method}.parquet").is_file()
+    if ready or st.button("Compute the map", key="map_compute",
+                          help="UMAP of all decoder directions; the first UMAP in a session compiles for ~1 min."):
+        try:
+            with st.spinner("Projecting decoder directions…"):
+                coords = dash.feature_map(method)
+            stats = dash.query("SELECT feature, density, act_tokens FROM features ORDER BY feature")
+            current = st.session_state.get("feature_id")
+            if color_by.startswith("cosine") and current is not None and 0 <= int(current) < dash.d_sae:
+                W = dash.sae().W_dec.detach().float()
+                unit = W / W.norm(dim=1, keepdim=True).clamp_min(1e-8)
+                color, title = (unit @ unit[int(current)]).tolist(), f"cos to #{int(current)}"
+                highlight = [int(current)]
+            else:
+                color, title = np.log10(stats["density"].to_numpy() + 1e-7).tolist(), "log10 density"
+                highlight = [int(current)] if current is not None and 0 <= int(current) < dash.d_sae else []
+            labels_map = [str(t).split(" | ")[0] for t in stats["act_tokens"]]
+            event = st.plotly_chart(feature_map_figure(coords, color, title, labels_map, highlight),
+                                    on_select="rerun", selection_mode="points", key="feature_map")
+            points = event.selection.get("points", []) if event is not None else []
+            if points and points[0].get("customdata"):
+                picked = int(points[0]["customdata"][0])
+                if st.session_state.get("_features_map_pick") != picked:
+                    st.session_state["_features_map_pick"] = picked
+                    _open_feature(picked)
+                    st.rerun()
+            st.caption("Click a point to open that feature on the Feature tab.")
+        except UserError as exc:
+            show_user_error(exc)

@@ -1,0 +1,32 @@
+"""End to end in Chromium: open an SAE feature page by link (?sae=...&feature=N) and save a screenshot."""
+from __future__ import annotations
+
+import pytest
+
+from browser_util import OUTPUT, browser_page, require_browser, streamlit_server, wait_idle
+
+pytestmark = [pytest.mark.browser]
+
+
+def test_feature_page_by_link(tmp_path, monkeypatch):
+    require_browser()
+    from test_features_page import build_feature_fixture
+
+    from engine.dashboards import Dashboard
+
+    cache = tmp_path / "cache"
+    _, out = build_feature_fixture(cache)
+    dash = Dashboard.open(out)
+    live = int(dash.query("SELECT feature FROM features WHERE NOT dead ORDER BY count DESC LIMIT 1").iloc[0, 0])
+    monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(cache))  # the server inherits it
+    with streamlit_server("tiny:llama") as url, browser_page() as page:
+        page.goto(f"{url}/features?sae=tiny-sae&feature={live}")
+        wait_idle(page)
+        page.get_by_text(f"Feature #{live}").first.wait_for(timeout=60_000)
+        contexts = page.locator(".le-context")
+        assert contexts.count() >= 1
+        token = page.locator(".le-tok").first
+        assert ":" in (token.get_attribute("title") or "")  # hover shows the activation value
+        assert page.locator("[data-testid='stException']").count() == 0
+        OUTPUT.mkdir(exist_ok=True)
+        page.screenshot(path=str(OUTPUT / "features-tiny-feature-page.png"), full_page=True)

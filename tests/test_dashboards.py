@@ -1,0 +1,237 @@
+"""Feature dashboards: one streaming pass equals brute force; logit effects; bad input; CLI."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from engine.dashboards import (Dashboard, DashboardConfig, DashboardError, FeatureAccumulator, build_dashboards,
+                               ceil_log2, decoder_neighbours, list_dashboards, text_activations)
+from engine.sae import SAE, SAEConfig, save_sae
+from engine.store import build_store
+
+D_SAE = 48
+TEXTS = [f"Document {i}: the quick brown fox jumps over the lazy dog, then {i * 7} cats sat on mats."
+         for i in range(30)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_sae(arch: str = "standard", seed: int = 0, layer: int = 1, d_in: int = 32, model: str = "tiny:llama",
+             k: int | None = None) -> SAE:
+    torch.manual_seed(seed)
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=D_SAE, architecture=arch, k=k if arch == "topk" else None,
+                        metadata={"hook_name": f"blocks.{layer}.hook_resid_post", "model_name": model}))
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.normal_()
+        sae.W_enc.mul_(0.05)
+        sae.b_enc.sub_(0.5)  # sparse-ish: most features off most of the time
+    return sae
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from engine.models import from_model
+    from engine.tiny import build_tiny
+
+    model, tok = build_tiny("llama")
+    return from_model(model, tok, name="tiny:llama")
+
+
+@pytest.fixture(scope="module")
+def store_dir(lm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store") / "s"
+    build_store(lm, iter(TEXTS), out, layers=[1], max_tokens=3000, context_length=32, batch_size=8,
+                dtype="float32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(lm, store_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dash")
+    sae_dir = save_sae(make_sae(), root / "sae")
+    config = DashboardConfig(top_k=7, n_bins=16, n_intervals=5, samples_per_interval=3, batch_size=97,
+                             n_logits=6, n_neighbours=4, device="cpu")
+    out = build_dashboards(sae_dir, store_dir, lm, root / "dash", config=config)
+    return Dashboard.open(out, sae_dir), sae_dir, config
+
+
+def brute_force(dash: Dashboard):
+    store = dash.store()
+    rows = torch.nonzero(store.positions() != 0).squeeze(1)
+    with torch.no_grad():
+        acts = dash.sae().encode(store.read("resid_post", 1, rows))
+    return rows, acts
+
+
+def test_counts_max_topk_and_histograms_equal_brute_force(built):
+    dash, _, config = built
+    rows, acts = brute_force(dash)
+    table = dash.query("SELECT * FROM features ORDER BY feature")
+    assert len(table) == D_SAE and dash.manifest["n_rows"] == rows.numel()
+    assert (acts > 0).any(0).sum() > D_SAE // 2  # the test SAE really fires
+    top = dash.query("SELECT feature, rank, row, act FROM top_examples ORDER BY feature, rank")
+    hist = dash.query("SELECT feature, bin, lo, hi, count FROM histograms ORDER BY feature, bin")
+    for f in range(D_SAE):
+        column = acts[:, f]
+        positive = column[column > 0]
+        assert int(table["count"][f]) == positive.numel()
+        assert math.isclose(float(table["density"][f]), positive.numel() / rows.numel(), rel_tol=1e-9)
+        assert bool(table["dead"][f]) == (positive.numel() == 0)
+        if positive.numel() == 0:
+            assert f not in set(top["feature"]) and f not in set(hist["feature"])
+            continue
+        assert float(table["max_act"][f]) == pytest.approx(float(positive.max()), rel=1e-6)
+        assert float(table["mean_act"][f]) == pytest.approx(float(positive.mean()), rel=1e-5)
+        # top-k: same values in the same order, and the rows hold those values
+        expected = column.topk(min(config.top_k, positive.numel())).values
+        mine = top[top["feature"] == f]
+        assert torch.allclose(torch.tensor(mine["act"].to_numpy()), expected, rtol=1e-6)
+        row_to_index = {int(r): i for i, r in enumerate(rows)}
+        got = torch.tensor([float(column[row_to_index[int(r)]]) for r in mine["row"]])
+        assert torch.allclose(got, expected, rtol=1e-6)
+        # histogram: equal-width bins on [0, 2**ceil(log2(max))], computed here with numpy-free plain math
+        upper = 2.0 ** math.ceil(math.log2(float(positive.max())))
+        counts = [0] * config.n_bins
+        for value in positive.tolist():
+            counts[min(int(value / upper * config.n_bins), config.n_bins - 1)] += 1
+        mine = hist[hist["feature"] == f]
+        assert dict(zip(mine["bin"].tolist(), mine["count"].tolist())) == {b: c for b, c in enumerate(counts) if c}
+        assert float(mine["hi"].max()) <= upper * (1 + 1e-6)
+
+
+def test_interval_samples_fall_in_their_intervals(built):
+    dash, _, config = built
+    rows, acts = brute_force(dash)
+    samples = dash.query("SELECT * FROM intervals ORDER BY feature, interval, rank")
+    assert len(samples) > D_SAE
+    table = dash.query("SELECT feature, max_act FROM features").set_index("feature")["max_act"]
+    row_to_index = {int(r): i for i, r in enumerate(rows)}
+    for record in samples.itertuples():
+        top = float(table[record.feature])
+        lo, hi = record.interval * top / config.n_intervals, (record.interval + 1) * top / config.n_intervals
+        assert lo - 1e-6 <= record.act <= hi + 1e-6 and record.lo == pytest.approx(lo, rel=1e-5)
+        assert float(acts[row_to_index[int(record.row)], record.feature]) == pytest.approx(record.act, rel=1e-6)
+    per_group = samples.groupby(["feature", "interval"]).size()
+    assert per_group.max() <= config.samples_per_interval
+    # an interval with at least S activations in the data gets S samples (the top interval always has the max)
+    for f in range(D_SAE):
+        positive = acts[:, f][acts[:, f] > 0]
+        if positive.numel():
+            assert (f, config.n_intervals - 1) in per_group.index
+
+
+def test_accumulator_folds_bins_when_the_range_grows():
+    acc = FeatureAccumulator(2, top_k=3, n_bins=8, reservoir=2)
+    acc.update(torch.tensor([[0.3, 0.0], [0.2, 0.0]]), torch.tensor([0, 1]))
+    assert int(ceil_log2(torch.tensor([0.3]))) == -1 and int(acc.exp[0]) == -1
+    acc.update(torch.tensor([[5.0, 1.0], [0.1, 0.0]]), torch.tensor([2, 3]))  # range 0.5 -> 8: folds 4 times
+    assert int(acc.exp[0]) == 3 and int(acc.exp[1]) == 0
+    assert acc.hist[0].tolist() == [3, 0, 0, 0, 0, 1, 0, 0]
+    assert acc.hist[1].tolist() == [0, 0, 0, 0, 0, 0, 0, 1]
+    assert acc.top_val[0].tolist() == pytest.approx([5.0, 0.3, 0.2]) and acc.top_row[0].tolist() == [2, 0, 1]
+    live = torch.isfinite(acc.res_key[:8])  # feature 0's reservoirs: 2 of {0.3, 0.2, 0.1} in bin 0, 5.0 in bin 5
+    assert live.sum(1).tolist() == [2, 0, 0, 0, 0, 1, 0, 0]
+    assert set(acc.res_row[0][live[0]].tolist()) <= {0, 1, 3} and acc.res_row[5][0] == 2
+
+
+def test_logit_effects_equal_a_direct_computation(built, lm):
+    dash, _, _ = built
+    sae = dash.sae()
+    norm, head = lm.anatomy.final_norm, lm.anatomy.unembed
+    eps = norm.variance_epsilon
+    logits = dash.query("SELECT feature, sign, rank, token_id, value FROM logits ORDER BY feature, sign, rank")
+    for f in (0, 5, D_SAE - 1):
+        v = sae.W_dec[f].detach()
+        with torch.no_grad():  # the model's own norm and head, undoing only the per-token 1/rms scale
+            direct = head(norm(v[None]) * torch.sqrt(v.pow(2).mean() + eps))[0]
+        mine = logits[logits["feature"] == f]
+        up, down = mine[mine["sign"] == "+"], mine[mine["sign"] == "-"]
+        expected_up, expected_down = direct.topk(len(up)), direct.topk(len(down), largest=False)
+        assert up["token_id"].tolist() == expected_up.indices.tolist()
+        assert torch.allclose(torch.tensor(up["value"].to_numpy()), expected_up.values, rtol=1e-4, atol=1e-4)
+        assert down["token_id"].tolist() == expected_down.indices.tolist()
+        assert torch.allclose(torch.tensor(down["value"].to_numpy()), expected_down.values, rtol=1e-4, atol=1e-4)
+
+
+def test_neighbours_and_feature_page_data(built, lm):
+    dash, _, _ = built
+    ids, cos = decoder_neighbours(dash.sae().W_dec, n=4, chunk=5)
+    unit = torch.nn.functional.normalize(dash.sae().W_dec.detach(), dim=1)
+    sims = unit @ unit.T
+    sims.fill_diagonal_(-2)
+    assert torch.equal(ids, sims.topk(4, dim=1).indices) and torch.allclose(cos, sims.topk(4, dim=1).values)
+    page = dash.feature(3)
+    assert list(page["neighbours"]["neighbour"]) == ids[3].tolist()
+    live = int(dash.query("SELECT feature FROM features WHERE NOT dead ORDER BY density DESC LIMIT 1").iloc[0, 0])
+    page = dash.feature(live)
+    contexts = dash.contexts(live, page["top"]["row"].tolist()[:3], lm.tokenizer)
+    assert len(contexts) == min(3, len(page["top"]))
+    for ctx, act in zip(contexts, page["top"]["act"]):
+        assert ctx["acts"][ctx["focus"]] == pytest.approx(act, rel=1e-5)  # the highlighted token is the example
+    table = dash.feature_table(hide_dense=False, sort="max_act")
+    assert list(table["max_act"]) == sorted(table["max_act"], reverse=True)
+    word = table["act_tokens"][0].split(" | ")[0]
+    assert live in set(dash.feature_table(hide_dense=False, search=str(live))["feature"])
+    assert all(word.lower() in (a + t + b).lower() for a, t, b in
+               dash.feature_table(hide_dense=False, search=word)[["act_tokens", "top_logits", "bottom_logits"]]
+               .itertuples(index=False))
+    tokens, acts = text_activations(lm, dash.sae(), "resid_post", 1, "the quick brown fox")
+    assert len(tokens) == acts.shape[0] == len("the quick brown fox") and acts.shape[1] == D_SAE
+
+
+def test_bad_input_gives_one_clear_sentence(built, lm, store_dir, tmp_path):
+    dash, sae_dir, _ = built
+    with pytest.raises(DashboardError, match="does not exist"):
+        dash.feature(D_SAE)
+    with pytest.raises(DashboardError, match="does not exist"):
+        dash.feature(-1)
+    other = save_sae(make_sae(seed=5), tmp_path / "other")
+    with pytest.raises(DashboardError, match="another SAE"):
+        Dashboard.open(dash.path, other)
+    wrong_layer = save_sae(make_sae(layer=2), tmp_path / "wrong_layer")
+    with pytest.raises(DashboardError, match="layer 2"):
+        build_dashboards(wrong_layer, store_dir, lm, tmp_path / "d1")
+    wrong_model = save_sae(make_sae(model="gpt2"), tmp_path / "wrong_model")
+    with pytest.raises(DashboardError, match="gpt2"):
+        build_dashboards(wrong_model, store_dir, lm, tmp_path / "d2")
+    wrong_width = save_sae(make_sae(d_in=16), tmp_path / "wrong_width")
+    with pytest.raises(DashboardError, match="d_in=16"):
+        build_dashboards(wrong_width, store_dir, lm, tmp_path / "d3")
+    # a store whose only token is a BOS row (position 0, never encoded) has nothing to encode
+    empty = tmp_path / "empty"
+    build_store(lm, iter(TEXTS), empty, layers=[1], max_tokens=1, context_length=32, dtype="float32")
+    with pytest.raises(DashboardError, match="no tokens"):
+        build_dashboards(sae_dir, empty, lm, tmp_path / "d4")
+    assert not (tmp_path / "d1").exists() and not (tmp_path / "d4").exists()  # nothing half-written
+
+
+def test_cached_and_listed_and_cli(built, lm, store_dir, tmp_path, monkeypatch, capsys):
+    dash, sae_dir, config = built
+    stamp = (dash.path / "manifest.json").stat().st_mtime_ns
+    again = build_dashboards(sae_dir, store_dir, lm, dash.path, config=config)
+    assert again == dash.path and (dash.path / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [d["name"] for d in list_dashboards(dash.path.parent)] == [dash.path.name]
+    assert list_dashboards(dash.path.parent, weights_hash="nope") == []
+
+    import engine.models
+    from engine.cli import main
+
+    monkeypatch.setattr(engine.models, "load_model", lambda *a, **k: lm)
+    out = tmp_path / "cli"
+    code = main(["dashboards", "--sae", str(sae_dir), "--store", str(store_dir), "--out", str(out), "--top-k", "5",
+                 "--json"])
+    assert code == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["path"] == str(out) and payload["features"] == D_SAE
+    assert Dashboard.open(out).query("SELECT max(rank) AS r FROM top_examples").iloc[0, 0] <= 4
+    assert main(["dashboards", "--sae", str(tmp_path / "missing"), "--store", str(store_dir)]) == 2
