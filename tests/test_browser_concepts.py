@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.browser]
 def test_concept_view_draws_a_umap():
     require_browser()
     with streamlit_server("tiny:llama") as url, browser_page(height=1400) as page:
-        page.goto(url + "/concepts")
+        page.goto(url + "/concept-space")
         wait_idle(page)
         page.wait_for_selector(".js-plotly-plot .scatterlayer", timeout=120_000)
         page.locator("[data-testid='stSelectbox']").filter(has_text="Prompt set").first.click()
