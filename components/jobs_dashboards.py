@@ -48,4 +48,4 @@ def render_dashboards_section() -> None:
             show_user_error(exc)
             return
         st.success(f"Dashboards saved in `{out}`.")
-        st.page_link("pages/features.py", label="Open the SAE feature browser", icon="🧩")
+        st.page_link("pages/features.py", label="Open the SAE feature browser", icon=":material/extension:")

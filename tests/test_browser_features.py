@@ -20,7 +20,7 @@ def test_feature_page_by_link(tmp_path, monkeypatch):
     live = int(dash.query("SELECT feature FROM features WHERE NOT dead ORDER BY count DESC LIMIT 1").iloc[0, 0])
     monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(cache))  # the server inherits it
     with streamlit_server("tiny:llama") as url, browser_page() as page:
-        page.goto(f"{url}/features?sae=tiny-sae&feature={live}")
+        page.goto(f"{url}/sae-features?sae=tiny-sae&feature={live}")
         wait_idle(page)
         page.get_by_text(f"Feature #{live}").first.wait_for(timeout=60_000)
         contexts = page.locator(".le-context")
