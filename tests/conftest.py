@@ -14,6 +14,21 @@ sys.path.insert(0, str(ROOT))
 
 from engine.tiny import ARCHS, build_tiny, make_tokenizer  # noqa: E402,F401
 
+
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Tiny tensors: one thread avoids thread-pool spin-waiting on a shared 2-core machine (restored after).
+    Tests on the real models keep every thread."""
+    import torch
+
+    if request.node.get_closest_marker("real_model") or request.node.get_closest_marker("browser"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

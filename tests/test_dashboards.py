@@ -17,14 +17,6 @@ TEXTS = [f"Document {i}: the quick brown fox jumps over the lazy dog, then {i * 
          for i in range(30)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_sae(arch: str = "standard", seed: int = 0, layer: int = 1, d_in: int = 32, model: str = "tiny:llama",
              k: int | None = None) -> SAE:
     torch.manual_seed(seed)

@@ -8,15 +8,6 @@ import torch
 from engine import projections as P
 from engine.corpora import PromptSet
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread avoids OpenMP spin-waiting when other test runs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 RNG = np.random.default_rng(0)
 N, D = 2000, 32
 

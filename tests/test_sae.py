@@ -12,15 +12,6 @@ from engine.sae import (SAE, SAECompatibilityError, SAEConfig, SAELoadError, che
 D_IN, D_SAE = 8, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids thread-pool contention on a busy machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_sae(arch: str, seed: int = 0, d_in: int = D_IN, d_sae: int = D_SAE, **cfg) -> SAE:
     torch.manual_seed(seed)
     k = cfg.pop("k", 3 if arch == "topk" else None)

@@ -10,15 +10,6 @@ from engine.sae import load_sae, load_sparsity
 from engine.sae_train import SAETrainError, TrainConfig, geometric_median, train_sae
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids thread-pool contention on a busy machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def synthetic(n: int, d: int = 32, m: int = 64, active: int = 3, seed: int = 12345):
     """Tokens made of ``active`` of ``m`` known unit directions with positive magnitudes, plus an offset."""
     g = torch.Generator().manual_seed(seed)

@@ -9,15 +9,6 @@ import torch
 from engine.store import (ActivationStore, StoreError, build_store, delete_store, iter_windows, list_stores,
                           special_prefix)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread avoids OpenMP spin-waiting when other test runs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TEXTS = ["The cat sat on the mat.", "A much longer document that spans more than one context window for sure, "
          "because it keeps going and going.", "ok", "Zwei Wörter und ein Satz mit Umlauten: äöü."]
 
