@@ -15,7 +15,7 @@ right after the last layer it needs, skipping the remaining layers and the unemb
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -117,12 +117,22 @@ def run_forward(model, **inputs):
         return None
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the model's forward can compute logits for chosen positions only."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def capture(anatomy: Anatomy, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-            sites: Mapping[str, Iterable[int] | str] | None = None, stop_early: bool = True):
+            sites: Mapping[str, Iterable[int] | str] | None = None, stop_early: bool = True,
+            logits_positions: Sequence[int] | None = None):
     """One forward pass; returns ``(captured, output)``.
 
     ``captured[site]`` is a tensor ``[n_layers_requested, batch, seq, width]`` in layer order,
-    ``output`` the model output (``None`` if the pass stopped early).
+    ``output`` the model output (``None`` if the pass stopped early). ``logits_positions`` asks the
+    model for logits at those positions only (where its forward supports ``logits_to_keep``), so a
+    262k-vocabulary head is not applied to every position when only a few are read.
     """
     model = anatomy.model
     chosen = normalize_sites(sites or {"resid_post": "all"}, anatomy.n_layers)
@@ -131,6 +141,8 @@ def capture(anatomy: Anatomy, input_ids: torch.Tensor, attention_mask: torch.Ten
     inputs = {"input_ids": input_ids.to(device)}
     if attention_mask is not None:
         inputs["attention_mask"] = attention_mask.to(device)
+    if logits_positions is not None and accepts_logits_to_keep(model):
+        inputs["logits_to_keep"] = torch.tensor(list(logits_positions), device=device)
     with hooked(anatomy, chosen, sink, stop_early=stop_early):
         output = run_forward(model, **inputs)
     captured = {}

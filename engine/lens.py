@@ -145,21 +145,27 @@ def lens_stats(anatomy: Anatomy, resid: torch.Tensor, *, top_k: int = 10, tracke
             h = torch.stack([h[r] if idx is None else transform(idx, h[r])
                              for r, idx in enumerate(row_hidden_index)])
         logits = anatomy.logits(h).float()                       # [rows, c, V]
-        logp = torch.log_softmax(logits, dim=-1)
-        top_logp, top_ids = logp.topk(k, dim=-1)
-        probs = logp.exp()
-        entropy = -(probs * logp).sum(-1)
-        final_p, final_logp = probs[-1], logp[-1]
-        kl = (final_p * (final_logp - logp)).sum(-1).clamp_min(0)
-        pieces["top_ids"].append(top_ids.cpu())
-        pieces["top_probs"].append(top_logp.exp().cpu())
-        pieces["entropy"].append(entropy.cpu())
-        pieces["kl"].append(kl.cpu())
+        # Few passes over the [rows, c, V] block and one extra buffer: this elementwise work, not the
+        # unembedding matmul, dominates for large vocabularies.
+        lse = torch.logsumexp(logits, dim=-1)                    # [rows, c]
+        top_logits, top_ids = logits.topk(k, dim=-1)
+        final_p = torch.softmax(logits[-1], dim=-1)              # [c, V], the reference distribution
+        # KL(final || row) = sum p_f log p_f - sum p_f log p_row = -H_f - <p_f, logits_row> + lse_row
+        cross = torch.einsum("rcv,cv->rc", logits, final_p)
         if len(tracked):
             chosen = logits[..., tracked]                          # [rows, c, n]
             ranks = torch.stack([(logits > chosen[..., t:t + 1]).sum(-1) for t in range(len(tracked))], -1)
-            pieces["t_probs"].append(probs[..., tracked].cpu())
+            pieces["t_probs"].append((chosen - lse[..., None]).exp().cpu())
             pieces["t_ranks"].append(ranks.cpu())
+        logp = logits.sub_(lse[..., None])                       # in place: logits become log-probs
+        probs = logp.exp()
+        entropy = -torch.einsum("rcv,rcv->rc", probs, logp)
+        kl = (-entropy[-1] - cross + lse).clamp_min(0)
+        kl[-1] = 0.0
+        pieces["top_ids"].append(top_ids.cpu())
+        pieces["top_probs"].append((top_logits - lse[..., None]).exp().cpu())
+        pieces["entropy"].append(entropy.cpu())
+        pieces["kl"].append(kl.cpu())
         del logits, logp, probs
     out = {name: torch.cat(parts, dim=1) for name, parts in pieces.items() if parts}
     return out
@@ -213,17 +219,20 @@ def run_lens(lm, prompt: str | Sequence[int], *, top_k: int = 10, track: Sequenc
     if sublayers:
         sites["resid_mid"] = "all"
     input_ids = torch.tensor([ids])
+    subset = None if len(chosen_positions) == n else chosen_positions
     with lm.lock:
-        captured, output = capture(anatomy, input_ids, sites=sites, stop_early=False)
+        captured, output = capture(anatomy, input_ids, sites=sites, stop_early=False, logits_positions=subset)
         pos = torch.tensor(chosen_positions, device=captured["resid_post"].device)
         per_site = {site: tensor[:, 0].index_select(1, pos) for site, tensor in captured.items()}
         resid = torch.stack([per_site[site][i if site != "resid_pre" else 0] for site, i in source])
         stats = lens_stats(anatomy, resid, top_k=top_k, tracked_ids=tracked_ids, transform=transform,
                            row_hidden_index=hidden_index, budget_bytes=budget_bytes)
-        # self-check: last layer through the lens == the model's own logits (on every position)
+        # self-check: last layer through the lens == the model's own logits, at every position read out
         with torch.inference_mode():
-            last = anatomy.logits(captured["resid_post"][-1, 0]).float()
+            last = anatomy.logits(per_site["resid_post"][-1]).float()
             model_logits = output.logits[0].float()
+            if model_logits.shape[0] != last.shape[0]:  # the model ignored logits_to_keep
+                model_logits = model_logits.index_select(0, pos)
             diff = float((last - model_logits).abs().max())
     top_ids = stats["top_ids"].numpy()
     top_tokens = decode_table(tokenizer, top_ids).tolist()
