@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-dev.txt Makefile
 install: $(STAMP)
 
 run: install
-	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.headless true --server.fileWatcherType none
+	$(PY) app.py --server.port $(PORT) --server.headless true --server.fileWatcherType none
 
 test: install
 	$(PY) -m pytest -q

@@ -4,15 +4,38 @@ from __future__ import annotations
 from pathlib import Path
 
 import streamlit as st
+from streamlit import runtime
 
-from components.session import sidebar
+
+def serve(argv: list[str]) -> None:
+    """`python app.py [streamlit options]`: serve this app with Streamlit's legacy `pages/` mode off.
+
+    Streamlit sees the `pages/` folder next to this file and, until the first `st.navigation` call of
+    the process, routes the first request through its old one-script-per-file mode; a deep link such as
+    /concept-space then flashes a "Page not found" dialog (or runs the page without this entry file).
+    Switching the mode off before the server starts removes that first-request glitch.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.web import cli
+
+    PagesManager.uses_pages_directory = False
+    cli.main.main(args=["run", str(Path(__file__).resolve()), *argv], prog_name="streamlit")
+
+
+if __name__ == "__main__" and not runtime.exists():
+    import sys
+
+    serve(sys.argv[1:])
+    raise SystemExit(0)
+
+from components.session import sidebar  # noqa: E402
 
 st.set_page_config(page_title="Latent Explorer", page_icon=":material/visibility:", layout="wide")
 
 HERE = Path(__file__).resolve().parent
-# (file, title, icon, url path). The url paths differ from the file names on purpose: Streamlit
-# still maps /<file stem> to pages/<file stem>.py as a stand-alone script (without this entry
-# file, so without the sidebar) when such a link is opened directly.
+# (file, title, icon, url path). The url paths differ from the file names on purpose: started with
+# `streamlit run app.py` instead of `python app.py`, Streamlit's legacy mode (see serve) would map
+# /<file stem> to pages/<file stem>.py as a stand-alone script without this entry file's sidebar.
 PAGES = [
     ("pages/lens.py", "Lens", ":material/stacked_line_chart:", "lens-view"),
     ("pages/concepts.py", "Concept space", ":material/scatter_plot:", "concept-space"),

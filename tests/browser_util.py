@@ -1,4 +1,4 @@
-"""Start `streamlit run app.py` on a free localhost port and drive it with Debian's Chromium."""
+"""Start the app (`python app.py`, as `make run` does) on a free localhost port and drive it with Debian's Chromium."""
 from __future__ import annotations
 
 import contextlib
@@ -40,7 +40,7 @@ def streamlit_server(model: str, timeout: float = 90.0):
     OUTPUT.mkdir(exist_ok=True)
     with log.open("w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+            [sys.executable, str(ROOT / "app.py"), "--server.headless", "true",
              "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
              "--browser.gatherUsageStats", "false"],
             cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)

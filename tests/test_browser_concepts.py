@@ -13,6 +13,7 @@ def test_concept_view_draws_a_umap():
     with streamlit_server("tiny:llama") as url, browser_page(height=1400) as page:
         page.goto(url + "/concept-space")
         wait_idle(page)
+        assert page.get_by_text("Page not found").count() == 0  # a deep link as the first request
         page.wait_for_selector(".js-plotly-plot .scatterlayer", timeout=120_000)
         page.locator("[data-testid='stSelectbox']").filter(has_text="Prompt set").first.click()
         page.get_by_role("option").filter(has_text="months").first.click()  # 84 points: a quick UMAP

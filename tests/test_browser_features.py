@@ -20,10 +20,7 @@ def test_feature_page_by_link(tmp_path, monkeypatch):
     live = int(dash.query("SELECT feature FROM features WHERE NOT dead ORDER BY count DESC LIMIT 1").iloc[0, 0])
     monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(cache))  # the server inherits it
     with streamlit_server("tiny:llama") as url, browser_page() as page:
-        # a running app (see the closing note: the very first visit of a fresh server to a sub-page shows a
-        # "page not found" notice from Streamlit's legacy pages/ routing before app.py routes it)
-        page.goto(url)
-        wait_idle(page)
+        # a deep link is the very first request of a fresh server: no "Page not found" flash
         page.goto(f"{url}/sae-features?sae=tiny-sae&feature={live}")
         wait_idle(page)
         assert page.get_by_text("Page not found").count() == 0

@@ -11,8 +11,6 @@ pytestmark = [pytest.mark.browser]
 def test_patching_heatmap_in_a_real_browser():
     require_browser()
     with streamlit_server("tiny:llama") as url, browser_page(height=1400) as page:
-        page.goto(url)
-        wait_idle(page)
         page.goto(url + "/intervene")
         wait_idle(page)
         page.get_by_role("tab", name="Patching sweep").click()
