@@ -34,6 +34,20 @@ class _Stop(Exception):
     """Raised inside a hook once everything wanted is captured."""
 
 
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into ``input_ids`` and ``attention_mask`` ``[B, T]`` (long tensors).
+
+    Right padding keeps every real token at positions 0..n-1, as in an unpadded forward pass.
+    """
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = 1
+    return ids, mask
+
+
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from . import prompt_sets as ps
 from .errors import UserError
+from .fileio import update_digest
 
 BUILTIN_VERSION = 1  # bump when the way the built-in corpora are assembled changes
 MIN_MODULE_CHARS = 200
@@ -230,9 +231,7 @@ def _hash_files(files: list[Path], root: Path) -> str:
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.relative_to(root).as_posix().encode() if file != root else b"")
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
+        update_digest(digest, file)
     return digest.hexdigest()
 
 

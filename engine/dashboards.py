@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .errors import UserError
+from .fileio import atomic_write, atomic_write_json, sha256_file
 
 Progress = Callable[[float, str], None]
 DASHBOARD_FORMAT = 1
@@ -353,11 +353,7 @@ def sae_digest(sae_dir: str | Path) -> str:
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     with _HASH_LOCK:
         if key not in _HASHES:
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 22), b""):
-                    digest.update(block)
-            _HASHES[key] = digest.hexdigest()
+            _HASHES[key] = sha256_file(path)
         return _HASHES[key]
 
 
@@ -396,31 +392,13 @@ def dashboard_key(sae_dir: str | Path, store, config: DashboardConfig) -> str:
     return f"{slug}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-
-
 def _write_parquet(columns: dict[str, Sequence], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.table({name: (values.numpy() if isinstance(values, torch.Tensor) else values)
                       for name, values in columns.items()})
-    tmp = _tmp(path)
-    try:
-        pq.write_table(table, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(payload: dict, path: Path) -> None:
-    tmp = _tmp(path)
-    try:
-        tmp.write_text(json.dumps(payload, indent=1, default=str))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
 
 
 def _decode_many(tokenizer, ids: Sequence[int]) -> dict[int, str]:
@@ -506,7 +484,7 @@ def build_dashboards(sae_dir: str | Path, store_dir: str | Path, lm, out: str | 
                 "weights_hash": store.weights_hash, "corpus_hash": store.manifest.get("corpus_hash"),
                 "n_rows": acc.n_rows, "config": asdict(config), "pass_seconds": round(pass_seconds, 3),
                 "tables": [f"{t}.parquet" for t in TABLES], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_json(manifest, manifest_path)
+    atomic_write_json(manifest_path, manifest)
     say(1.0, f"{acc.n_rows:,} tokens × {sae.d_sae:,} features in {pass_seconds:.1f} s")
     return out
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .capture import capture
+from .capture import capture, pad_batch
 from .errors import UserError
 from .lens import Transform
 from .prompt_sets import CONCEPTS, LANGUAGES
@@ -139,11 +139,7 @@ def run_latent_language(lm, source: str = "fr", target: str = "zh", *, n_shots: 
         if lm.context_length and width > lm.context_length:
             raise LatentLanguageError(f"The translation prompts are {width} tokens long, more than this model's "
                                       f"context of {lm.context_length}; use fewer shots.")
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(encoded):  # right padding: real tokens keep positions 0..n-1
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            mask[row, :len(ids)] = 1
+        input_ids, mask = pad_batch(encoded, pad)
         last = torch.tensor([len(ids) - 1 for ids in encoded])
         with lm.lock:
             captured, _ = capture(anatomy, input_ids, mask, sites={"resid_pre": [0], "resid_post": "all"})

@@ -22,6 +22,7 @@ import torch
 
 from .anatomy import Anatomy, find_anatomy
 from .errors import UserError
+from .fileio import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -120,20 +121,9 @@ def _file_digest(path: Path) -> str:
     except (OSError, ValueError):
         memo = {}
     if key not in memo:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        memo[key] = digest.hexdigest()
-        _atomic_write_text(memo_file, json.dumps(memo, indent=1))
+        memo[key] = sha256_file(path)
+        atomic_write_text(memo_file, json.dumps(memo, indent=1))
     return memo[key]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _folder_fingerprint(folder: Path) -> str:

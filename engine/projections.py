@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .capture import capture
+from .capture import capture, pad_batch
 from .errors import UserError
 
 POSITION_MODES = ("last", "all", "mean")
@@ -97,12 +97,8 @@ def prompt_cloud(lm, pset, site: str = "resid_post", positions: str = "last", la
     hover: list[str] = []
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start:start + batch_size]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
+        input_ids, mask = pad_batch(batch, pad)
+        width = input_ids.shape[1]
         with lm.lock:
             captured, _ = capture(lm.anatomy, input_ids, mask, sites={site: layer_list})
         acts = captured[site].float().cpu()  # [L, B, T, d]

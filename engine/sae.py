@@ -21,9 +21,7 @@ Nothing is unpickled, and a folder that fails any check loads nothing.
 from __future__ import annotations
 
 import json
-import os
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
+from .fileio import atomic_save_tensors, atomic_write_json
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -334,32 +333,6 @@ class SAE(nn.Module):
 
 
 # --- load / save ----------------------------------------------------------------------------
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-
-
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_json(payload: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(json.dumps(payload, indent=1, default=str))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_sae(sae: SAE, folder: str | Path, sparsity: torch.Tensor | None = None,
              extra_cfg: dict | None = None) -> Path:
     """Save in the SAELens layout; ``extra_cfg`` lands under ``cfg["latent_explorer"]``."""
@@ -369,12 +342,12 @@ def save_sae(sae: SAE, folder: str | Path, sparsity: torch.Tensor | None = None,
     cfg["dtype"] = str(sae.W_enc.dtype).replace("torch.", "")
     if extra_cfg:
         cfg["latent_explorer"] = {**cfg.get("latent_explorer", {}), **extra_cfg}
-    atomic_save_tensors(sae.state_tensors(), folder / WEIGHTS_FILE)
+    atomic_save_tensors(folder / WEIGHTS_FILE, sae.state_tensors())
     if sparsity is not None:
         if tuple(sparsity.shape) != (sae.d_sae,):
             raise SAELoadError(f"The sparsity vector has shape {tuple(sparsity.shape)}, expected ({sae.d_sae},).")
-        atomic_save_tensors({"sparsity": sparsity.float()}, folder / SPARSITY_FILE)
-    atomic_write_json(cfg, folder / CFG_FILE)  # written last: a folder with a cfg.json is complete
+        atomic_save_tensors(folder / SPARSITY_FILE, {"sparsity": sparsity.float()})
+    atomic_write_json(folder / CFG_FILE, cfg)  # written last: a folder with a cfg.json is complete
     return folder
 
 

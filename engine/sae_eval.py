@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .capture import hooked, run_forward
+from .capture import hooked, pad_batch, run_forward
 from .errors import UserError
 from .sae import SAE, SAECompatibilityError, check_attachable, describe
 
@@ -148,13 +148,7 @@ def _token_batches(tokenizer, texts: Iterable[str], context_length: int, batch_s
     rows: list[list[int]] = []
 
     def flush():
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        return ids, mask
+        return pad_batch(rows, pad_id)
 
     for text in texts:
         if not isinstance(text, str) or not text.strip():

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .sae import (SAE, SAEConfig, atomic_save_tensors, atomic_write_json, log_sparsity, save_sae, site_to_hook_name,
+from .fileio import atomic_save_tensors, atomic_write_json
+from .sae import (SAE, SAEConfig, log_sparsity, save_sae, site_to_hook_name,
                   sparse_decode, unit_norm_rows_)
 
 Progress = Callable[[float, str], None]
@@ -212,9 +213,9 @@ def _save_checkpoint(folder: Path, sae: SAE, optimizer: torch.optim.Optimizer, s
             tensors[f"opt.{index}.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
     tensors["last_fired"] = state.pop("_last_fired")
     tensors["fire_counts"] = state.pop("_fire_counts")
-    atomic_save_tensors(tensors, folder / "state.safetensors")
+    atomic_save_tensors(folder / "state.safetensors", tensors)
     state["param_groups"] = opt_state["param_groups"]
-    atomic_write_json(state, folder / "state.json")  # written last: marks the checkpoint complete
+    atomic_write_json(folder / "state.json", state)  # written last: marks the checkpoint complete
 
 
 def _load_checkpoint(folder: Path, sae: SAE, optimizer: torch.optim.Optimizer) -> dict | None:
@@ -457,7 +458,7 @@ def train_sae(data, out: str | Path | None = None, *, site: str | None = None, l
                  "final": history[-1] if history else None,
                  "weights_hash": getattr(store, "weights_hash", None)}
         path = save_sae(sae, out, sparsity=sparsity, extra_cfg=extra)
-        atomic_write_json(history, Path(out) / "training_log.json")
+        atomic_write_json(Path(out) / "training_log.json", history)
         if ckpt is not None and ckpt.is_dir():
             for file in ckpt.iterdir():
                 file.unlink()
@@ -530,7 +531,7 @@ def train_demo_sae(settings: DemoSettings | None = None, *, lm=None, progress: P
                                      max_tokens=settings.eval_tokens, context_length=settings.context_length,
                                      progress=lambda f, m: say(0.9 + 0.1 * f, f"evaluating: {m}"))
         report = report_to_json(report)
-        atomic_write_json(report, out / "report.json")
+        atomic_write_json(out / "report.json", report)
     say(1.0, f"demo SAE saved to {out}")
     return {"path": str(out), "store": str(store.path),
             "train": {"tokens": result.tokens, "steps": result.steps, "seconds": round(result.seconds, 1),

@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .capture import SITES, capture, normalize_sites
+from .capture import SITES, capture, normalize_sites, pad_batch
 from .errors import UserError
+from .fileio import atomic_write_json, sha256_file, temp_path
 
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -126,24 +127,6 @@ def default_store_dir(lm, corpus_spec: str, sites=("resid_post",), layers="all",
 
 
 # --- small file helpers -------------------------------------------------------------------
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-
-
-def _atomic_json(path: Path, payload: dict) -> None:
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(payload, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
@@ -201,7 +184,7 @@ def _usable_shards(out: Path, manifest: dict, progress: Progress | None) -> list
         file = out / shard["file"]
         if progress:
             progress(0.0, f"checking shard {index + 1} of {len(manifest['shards'])}")
-        if not file.is_file() or file.stat().st_size != shard["bytes"] or _sha256(file) != shard["sha256"]:
+        if not file.is_file() or file.stat().st_size != shard["bytes"] or sha256_file(file) != shard["sha256"]:
             break
         good.append(shard)
     return good
@@ -278,7 +261,7 @@ def build_store(lm, texts: Iterable[str], out: str | Path | None, *, layers="all
 
     def write_manifest(complete: bool, exhausted: bool = False) -> None:
         n_tokens = sum(s["rows"] for s in shards)
-        _atomic_json(manifest_path, {**settings, "widths": widths, "n_tokens": n_tokens, "max_tokens": max_tokens,
+        atomic_write_json(manifest_path, {**settings, "widths": widths, "n_tokens": n_tokens, "max_tokens": max_tokens,
                                      "complete": complete, "exhausted": exhausted,
                                      "n_windows": shards[-1]["windows_end"] if shards else 0,
                                      "shard_tokens": rows_per_shard, "shards": shards,
@@ -296,10 +279,10 @@ def build_store(lm, texts: Iterable[str], out: str | Path | None, *, layers="all
             return
         tensors = {name: torch.cat(parts).contiguous() for name, parts in buffer.items()}
         file = out / shard_name(len(shards))
-        tmp = _tmp_name(file)
+        tmp = temp_path(file)
         # one metadata key only: safetensors writes metadata in hash-map order, and equal shards should be equal bytes
         save_file(tensors, str(tmp), metadata={"format": f"latent-explorer-activations/{STORE_FORMAT}"})
-        size, sha = tmp.stat().st_size, _sha256(tmp)
+        size, sha = tmp.stat().st_size, sha256_file(tmp)
         os.replace(tmp, file)
         shards.append({"file": file.name, "rows": buffered["rows"], "bytes": size, "sha256": sha,
                        "windows_end": (shards[-1]["windows_end"] if shards else windows_done) + buffered["windows"],
@@ -313,12 +296,8 @@ def build_store(lm, texts: Iterable[str], out: str | Path | None, *, layers="all
     windows = itertools.islice(iter_windows(lm.tokenizer, texts, context_length, max_tokens), windows_done, None)
     rows_total = rows_done
     for batch in _batched(windows, batch_size):
-        width = max(len(ids) for _, ids, _ in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (_, ids, _) in enumerate(batch):  # right padding: real tokens keep positions 0..n-1
-            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[row, : len(ids)] = 1
+        input_ids, mask = pad_batch([ids for _, ids, _ in batch], pad)
+        width = input_ids.shape[1]
         with lm.lock:
             captured, _ = capture(lm.anatomy, input_ids, mask, sites={s: layer_list for s in site_list})
         real = mask.bool()
@@ -427,7 +406,7 @@ class ActivationStore:
             if file.stat().st_size != shard["bytes"]:
                 problems.append(f"{shard['file']}: size {file.stat().st_size} instead of {shard['bytes']} (truncated)")
                 continue
-            if _sha256(file) != shard["sha256"]:
+            if sha256_file(file) != shard["sha256"]:
                 problems.append(f"{shard['file']}: checksum mismatch (corrupt)")
                 continue
             try:

@@ -31,10 +31,8 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import random
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -47,8 +45,9 @@ from torch import nn
 
 from .anatomy import Anatomy
 from .capture import _Stop as StopForward
-from .capture import hooked, normalize_sites, run_forward
+from .capture import hooked, normalize_sites, pad_batch, run_forward
 from .errors import UserError
+from .fileio import atomic_write
 
 Progress = Callable[[float, str], None]
 Texts = str | Sequence[str] | Callable[[], Iterable[str]]
@@ -79,17 +78,6 @@ def default_lens_dir(model_name: str) -> Path:
 
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_") or "model"
     return cache_root() / "tuned_lens" / safe
-
-
-def _atomic_replace(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 @contextmanager
@@ -177,10 +165,10 @@ class TunedLens(nn.Module):
 
         folder = Path(folder)
         state = self.params_state()
-        _atomic_replace(folder / PARAMS_FILE, lambda tmp: torch.save(state, tmp))
-        _atomic_replace(folder / SAFETENSORS_FILE, lambda tmp: save_file(state, str(tmp)))
+        atomic_write(folder / PARAMS_FILE, lambda tmp: torch.save(state, tmp))
+        atomic_write(folder / SAFETENSORS_FILE, lambda tmp: save_file(state, str(tmp)))
         text = json.dumps(self.config_dict(), indent=1)
-        _atomic_replace(folder / CONFIG_FILE, lambda tmp: tmp.write_text(text))
+        atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(text))
         return folder
 
     @classmethod
@@ -351,16 +339,6 @@ def shuffled(windows: Iterator[list[int]], buffer: int, seed: int) -> Iterator[l
     yield from pool
 
 
-def _pad(windows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, windows))
-    ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, window in enumerate(windows):
-        ids[row, :len(window)] = torch.tensor(window)
-        mask[row, :len(window)] = 1
-    return ids, mask
-
-
 def _capture_resid(lm, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Embeddings and every layer's output in one pass that stops before the unembedding.
 
@@ -391,9 +369,8 @@ def capture_rows(lm, windows: Sequence[list[int]], with_labels: bool = False):
     over the positions that are not padding and not position 0, plus next-token labels ``[N]``
     (only positions that have a next token are kept then).
     """
-    anatomy = lm.anatomy
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    ids, mask = _pad(windows, pad)
+    ids, mask = pad_batch(windows, pad)
     keep = mask.bool().clone()
     keep[:, 0] = False
     if with_labels:
@@ -593,7 +570,7 @@ def _save_state(folder: Path, lens: TunedLens, optimizer, info: dict, vocab_ids:
     if vocab_ids is not None:
         tensors["vocab_ids"] = vocab_ids.cpu().contiguous()
     metadata = {"state": json.dumps({**info, "optimizer": plain})}
-    _atomic_replace(folder / STATE_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(folder / STATE_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _load_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:

@@ -8,7 +8,7 @@ import torch
 
 from engine.cli import main
 from engine.lens import run_lens
-from engine.models import EMBEDDED, ModelLoadError, _is_complete, load_model, resolve
+from engine.models import ModelLoadError, _is_complete, load_model, resolve
 
 
 @pytest.mark.parametrize("spec, message", [
