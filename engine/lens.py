@@ -119,7 +119,7 @@ class LensResult:
 
 
 def _chunk_size(rows: int, vocab: int, positions: int, budget_bytes: int) -> int:
-    per_position = rows * vocab * 4 * 4  # logits, log-probs, probs and one temporary, fp32
+    per_position = rows * vocab * 4 * 3  # fp32 logits, one scratch buffer, the matmul's own output
     return max(1, min(positions, budget_bytes // max(per_position, 1)))
 
 
@@ -145,28 +145,36 @@ def lens_stats(anatomy: Anatomy, resid: torch.Tensor, *, top_k: int = 10, tracke
             h = torch.stack([h[r] if idx is None else transform(idx, h[r])
                              for r, idx in enumerate(row_hidden_index)])
         logits = anatomy.logits(h).float()                       # [rows, c, V]
-        # Few passes over the [rows, c, V] block and one extra buffer: this elementwise work, not the
-        # unembedding matmul, dominates for large vocabularies.
-        lse = torch.logsumexp(logits, dim=-1)                    # [rows, c]
+        # The unembedding matmul is the floor; the rest is a few passes over the [rows, c, V] block
+        # with one scratch buffer. torch.logsumexp/softmax and bool-tensor sums each cost several
+        # times more than these plain passes on a CPU (benchmarks/lens.py).
         top_logits, top_ids = logits.topk(k, dim=-1)
-        final_p = torch.softmax(logits[-1], dim=-1)              # [c, V], the reference distribution
-        # KL(final || row) = sum p_f log p_f - sum p_f log p_row = -H_f - <p_f, logits_row> + lse_row
-        cross = torch.einsum("rcv,cv->rc", logits, final_p)
+        peak = top_logits[..., :1]                               # [rows, c, 1], the max logit
+        scratch = torch.empty_like(logits)
         if len(tracked):
-            chosen = logits[..., tracked]                          # [rows, c, n]
-            ranks = torch.stack([(logits > chosen[..., t:t + 1]).sum(-1) for t in range(len(tracked))], -1)
+            chosen = logits[..., tracked]                        # [rows, c, n]
+            # rank = how many tokens have a strictly larger logit; a float 0/1 sum is exact here (V < 2**24)
+            ranks = torch.stack([torch.gt(logits, chosen[..., t:t + 1], out=scratch).sum(-1)
+                                 for t in range(len(tracked))], -1).long()
+        shifted = logits.sub_(peak)                              # in place, every value <= 0
+        exps = torch.exp(shifted, out=scratch)
+        total = exps.sum(-1)                                     # [rows, c]
+        log_total = total.log()
+        lse = peak[..., 0] + log_total                           # log-sum-exp of the raw logits
+        # H = log Z - <e, x> / Z with x the shifted logits, e = exp(x), Z = sum e
+        entropy = log_total - torch.einsum("rcv,rcv->rc", exps, shifted) / total
+        # KL(final || row) = -H_final - <p_final, log p_row> and log p_row = x_row - log Z_row
+        final_p = exps[-1] / total[-1, :, None]                  # [c, V]
+        kl = (-entropy[-1] - torch.einsum("rcv,cv->rc", shifted, final_p) + log_total).clamp_min(0)
+        kl[-1] = 0.0
+        if len(tracked):
             pieces["t_probs"].append((chosen - lse[..., None]).exp().cpu())
             pieces["t_ranks"].append(ranks.cpu())
-        logp = logits.sub_(lse[..., None])                       # in place: logits become log-probs
-        probs = logp.exp()
-        entropy = -torch.einsum("rcv,rcv->rc", probs, logp)
-        kl = (-entropy[-1] - cross + lse).clamp_min(0)
-        kl[-1] = 0.0
         pieces["top_ids"].append(top_ids.cpu())
         pieces["top_probs"].append((top_logits - lse[..., None]).exp().cpu())
         pieces["entropy"].append(entropy.cpu())
         pieces["kl"].append(kl.cpu())
-        del logits, logp, probs
+        del logits, shifted, exps, scratch, final_p
     out = {name: torch.cat(parts, dim=1) for name, parts in pieces.items() if parts}
     return out
 

@@ -84,7 +84,7 @@ def test_chunking_does_not_change_results(tiny_llama):
     small = run_lens(tiny_llama, PROMPT, top_k=3, track=["e"], budget_bytes=1)  # one position per chunk
     large = run_lens(tiny_llama, PROMPT, top_k=3, track=["e"])
     np.testing.assert_allclose(small.top_probs, large.top_probs, atol=1e-6)
-    np.testing.assert_allclose(small.kl_to_final, large.kl_to_final, atol=1e-6)
+    np.testing.assert_allclose(small.kl_to_final, large.kl_to_final, rtol=1e-5, atol=1e-6)  # fp32 sums in another order
     assert (small.tracked_ranks == large.tracked_ranks).all()
 
 
