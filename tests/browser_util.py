@@ -33,14 +33,16 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def streamlit_server(model: str, timeout: float = 90.0):
+def streamlit_server(model: str, timeout: float = 90.0, streamlit_run: bool = False):
+    """Serve app.py as `make run` does (`python app.py`), or with plain `streamlit run app.py`."""
     port = _free_port()
     env = dict(os.environ, LATENT_EXPLORER_MODEL=model, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     log = (OUTPUT / f"streamlit-{port}.log")
     OUTPUT.mkdir(exist_ok=True)
     with log.open("w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py"), "--server.headless", "true",
+            [sys.executable, *(["-m", "streamlit", "run"] if streamlit_run else []), str(ROOT / "app.py"),
+             "--server.headless", "true",
              "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
              "--browser.gatherUsageStats", "false"],
             cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)

@@ -1,4 +1,4 @@
-"""End to end in Debian's Chromium against `streamlit run`: type a prompt, see the heatmap, click a cell."""
+"""End to end in Debian's Chromium against `streamlit run app.py`: type a prompt, see the heatmap, click a cell."""
 from __future__ import annotations
 
 import pytest
@@ -38,7 +38,7 @@ def test_lens_page_in_a_real_browser(model, layers):
     from engine.models import load_model
 
     load_model(model, check=False)  # converts the GGUF once here, so the server only loads safetensors
-    with streamlit_server(model, timeout=240) as url, browser_page() as page:
+    with streamlit_server(model, timeout=240, streamlit_run=True) as url, browser_page() as page:
         page.goto(url)
         wait_idle(page)
         _enter_prompt(page, "The Eiffel Tower is in the city of")
