@@ -204,12 +204,14 @@ normalize = cols[0].checkbox("Unit-normalise points", key="concept_normalize",
                              help="Divide each hidden state by its norm before projecting (tames outlier norms).")
 align = cols[1].checkbox("Align consecutive layers (Procrustes)", key="concept_align",
                          help="Rotate each layer's projection onto the previous one so points move smoothly.")
+warming = cols[2].empty()
 if method == "umap" and not umap_ready():
-    cols[2].caption("⏳ UMAP is still compiling in the background.")
+    warming.caption("UMAP is still compiling in the background (once per server, up to a minute).")
 
 tab_projection, tab_geometry, tab_probe = st.tabs(["Projection", "Spread & geometry", "Concept depth (probes)"])
 with tab_projection:
     scatter_with_selection(spec, cloud, layer, method, dims, normalize, align, color)
+    warming.empty()  # the projection above has waited for the compilation
 with tab_geometry:
     geometry_section(spec, cloud, pset.concept_label if pset else None)
 with tab_probe:
