@@ -16,16 +16,20 @@ Mu & Viswanath's isotropy): :func:`average_cosine`, :func:`isotropy_partition`,
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .capture import capture, pad_batch
 from .errors import UserError
+from .fileio import atomic_write
 
 POSITION_MODES = ("last", "all", "mean")
 METHODS = ("pca", "umap")
@@ -204,8 +208,13 @@ def pca(X: np.ndarray, n_components: int, seed: int = 0) -> tuple[np.ndarray, np
 
 def project(X: np.ndarray, method: str = "pca", n_components: int = 2, *, seed: int = 0, pca_dims: int = 50,
             n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: int | None = None,
-            normalize: bool = False) -> np.ndarray:
-    """Project points to ``n_components`` dimensions with PCA, or PCA to ``pca_dims`` then UMAP."""
+            normalize: bool = False, cache_dir: Path | str | None = None) -> np.ndarray:
+    """Project points to ``n_components`` dimensions with PCA, or PCA to ``pca_dims`` then UMAP.
+
+    With ``cache_dir``, UMAP results are kept on disk keyed by the points' bytes and every setting, so a
+    restarted server redraws a projection it has made before without recomputing it (PCA is fast
+    enough not to need this). A cache file that cannot be read back whole is recomputed and replaced.
+    """
     if method not in METHODS:
         raise ProjectionError(f"Unknown projection '{method}'; choose pca or umap.")
     if n_components not in (2, 3):
@@ -219,16 +228,51 @@ def project(X: np.ndarray, method: str = "pca", n_components: int = 2, *, seed: 
     if n < MIN_UMAP_POINTS:
         raise ProjectionError(f"UMAP needs at least {MIN_UMAP_POINTS} points and there are only {n}; use PCA or "
                               "more points.")
-    dims = min(pca_dims, n - 1)
-    reduced = pca(X, dims, seed)[0] if X.shape[1] > dims else X
     import umap
 
-    model = umap.UMAP(n_components=n_components, n_neighbors=max(2, min(n_neighbors, n - 1)), min_dist=min_dist,
-                      n_epochs=n_epochs or (500 if n < 10_000 else 200), random_state=seed,
-                      init="spectral" if n > n_components + 8 else "random")
+    settings = {"n_components": n_components, "n_neighbors": max(2, min(n_neighbors, n - 1)), "min_dist": min_dist,
+                "n_epochs": n_epochs or (500 if n < 10_000 else 200), "random_state": seed,
+                "init": "spectral" if n > n_components + 8 else "random"}
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"umap-{_umap_key(X, settings, pca_dims)}.npy"
+        cached = _read_cached(path, (n, n_components))
+        if cached is not None:
+            return cached
+    dims = min(pca_dims, n - 1)
+    reduced = pca(X, dims, seed)[0] if X.shape[1] > dims else X
+    model = umap.UMAP(**settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return np.asarray(model.fit_transform(reduced), dtype=np.float32)
+        Y = np.asarray(model.fit_transform(reduced), dtype=np.float32)
+    if path is not None:
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as handle:
+                np.save(handle, Y, allow_pickle=False)
+        atomic_write(path, write)
+    return Y
+
+
+def _umap_key(X: np.ndarray, settings: dict, pca_dims: int) -> str:
+    """Content key of a UMAP run: the prepared points (bytes and shape), the settings, the UMAP version."""
+    import umap
+
+    digest = hashlib.sha256(np.ascontiguousarray(X, dtype=np.float32).tobytes())
+    digest.update(json.dumps({**settings, "pca_dims": pca_dims, "shape": list(X.shape),
+                              "umap": getattr(umap, "__version__", "?"), "format": 1}, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+def _read_cached(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    try:
+        Y = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):  # truncated or not an .npy file: recompute and replace it
+        return None
+    if Y.shape != shape or Y.dtype != np.float32 or not np.isfinite(Y).all():
+        return None
+    return Y
 
 
 def procrustes_align(Y: np.ndarray, reference: np.ndarray) -> np.ndarray:

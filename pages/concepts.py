@@ -9,6 +9,7 @@ from components.session import cache_key, current_model, get_model_by_key, model
 from engine.capture import SITES
 from engine.corpora import PROMPT_SETS, prompt_set
 from engine.errors import UserError
+from engine.models import cache_root
 from engine.projections import (POSITION_MODES, geometry_by_layer, probe_by_layer, procrustes_align, project,
                                 prompt_cloud, store_cloud, umap_ready, warm_up_umap)
 from engine.store import ActivationStore, list_stores
@@ -37,7 +38,7 @@ def _cloud(spec: tuple):
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def projection(spec: tuple, layer: int, method: str, dims: int, normalize: bool):
-    return project(_cloud(spec).at(layer), method, dims, normalize=normalize)
+    return project(_cloud(spec).at(layer), method, dims, normalize=normalize, cache_dir=cache_root() / "projections")
 
 
 @st.cache_data(show_spinner=False, max_entries=512)

@@ -8,8 +8,9 @@ from browser_util import OUTPUT, browser_page, require_browser, streamlit_server
 pytestmark = [pytest.mark.browser]
 
 
-def test_concept_view_draws_a_umap():
+def test_concept_view_draws_a_umap(tmp_path, monkeypatch):
     require_browser()
+    monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(tmp_path))  # a fresh projection cache: UMAP really runs
     with streamlit_server("tiny:llama") as url, browser_page(height=1400) as page:
         page.goto(url + "/concept-space")
         wait_idle(page)
@@ -28,3 +29,4 @@ def test_concept_view_draws_a_umap():
         assert "UMAP" in title, title
         assert page.locator(".js-plotly-plot .scatterlayer .point").count() >= 84
         page.screenshot(path=str(OUTPUT / "concepts-umap-tiny.png"), full_page=True)
+    assert len(list((tmp_path / "projections").glob("umap-*.npy"))) == 1  # kept for the next server

@@ -156,3 +156,37 @@ def test_prompt_cloud_modes(tiny_llama):
     assert set(geometry["measures"]) == set(P.SPREAD_MEASURES) and len(geometry["layers"]) == 3
     with pytest.raises(P.ProjectionError, match="Layer 7"):
         last.at(7)
+
+
+def test_umap_results_are_cached_on_disk(monkeypatch, tmp_path):
+    """A second identical UMAP request is read from disk; other settings or points, or a damaged file,
+    run UMAP again (the stand-in counts runs)."""
+    import umap
+
+    runs = []
+
+    class FakeUMAP:
+        def __init__(self, **kwargs):
+            self.k = kwargs["n_components"]
+
+        def fit_transform(self, data):
+            runs.append(data.shape)
+            return data[:, : self.k] * 2.0
+
+    monkeypatch.setattr(umap, "UMAP", FakeUMAP)
+    X = np.random.default_rng(1).normal(size=(30, 12))
+    first = P.project(X, "umap", 2, cache_dir=tmp_path)
+    again = P.project(X, "umap", 2, cache_dir=tmp_path)
+    assert len(runs) == 1 and np.array_equal(first, again)
+    P.project(X, "umap", 2, seed=1, cache_dir=tmp_path)          # another seed
+    P.project(X + 1e-3, "umap", 2, cache_dir=tmp_path)           # other points
+    P.project(X, "umap", 2, normalize=True, cache_dir=tmp_path)  # other preparation
+    assert len(runs) == 4
+    files = sorted(tmp_path.glob("umap-*.npy"))
+    assert len(files) == 4 and not list(tmp_path.glob(".*.tmp"))
+    target = next(f for f in files if np.array_equal(np.load(f), first))
+    target.write_bytes(target.read_bytes()[:40])                  # truncated
+    assert np.array_equal(P.project(X, "umap", 2, cache_dir=tmp_path), first) and len(runs) == 5
+    assert np.array_equal(P.project(X, "umap", 2, cache_dir=tmp_path), first) and len(runs) == 5  # rewritten
+    P.project(X, "pca", 2, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npy"))) == 4                 # PCA is not cached
