@@ -12,20 +12,51 @@ class DashboardCliError(UserError):
     pass
 
 
+def _model_and_store(args):
+    """The store to read: ``--store`` as given, or ``--corpus`` captured on the fly (only the SAE's site and
+    layer, into the resumable default store folder; a second run reuses or extends it)."""
+    from .models import load_model
+    from .sae import read_config
+    from .store import ActivationStore, build_store, default_store_dir
+
+    say = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    if bool(args.store) == bool(args.corpus):
+        raise DashboardCliError("Give either --store (an activation store) or --corpus (capture one now).")
+    if args.store:
+        store = ActivationStore.open(args.store)
+        spec = args.model or store.model_name
+        lm = load_model(spec, device=args.device, dtype=args.dtype, progress=say)
+        if lm.weights_hash != store.weights_hash:
+            raise DashboardCliError(f"The model '{spec}' is not the one the store was captured from "
+                                    f"('{store.model_name}'); pass that model with --model.")
+        return lm, store
+    from tqdm import tqdm
+
+    from .corpora import iter_texts
+
+    cfg = read_config(args.sae)
+    spec = args.model or cfg.model_name
+    if not spec:
+        raise DashboardCliError("The SAE's cfg.json names no model (metadata.model_name); pass one with --model.")
+    site, layer = cfg.site()
+    lm = load_model(spec, device=args.device, dtype=args.dtype, progress=say)
+    texts = iter_texts(args.corpus)
+    out = default_store_dir(lm, args.corpus, [site], [layer], args.context_length)
+    with tqdm(total=1000, desc="capturing", unit="‰", file=sys.stderr) as bar:
+        def progress(fraction: float, message: str) -> None:
+            bar.update(max(0, round(fraction * 1000) - bar.n))
+            bar.set_postfix_str(message, refresh=False)
+        store = build_store(lm, texts, out, layers=[layer], sites=[site], max_tokens=args.tokens,
+                            context_length=args.context_length, corpus_spec=args.corpus, progress=progress)
+    return lm, store
+
+
 def _run(args) -> int:
     from tqdm import tqdm
 
     from .dashboards import Dashboard, DashboardConfig, build_dashboards
-    from .models import load_model
-    from .store import ActivationStore
 
-    store = ActivationStore.open(args.store)
-    spec = args.model or store.model_name
-    lm = load_model(spec, device=args.device, dtype=args.dtype,
-                    progress=lambda message: print(message, file=sys.stderr))
-    if lm.weights_hash != store.weights_hash:
-        raise DashboardCliError(f"The model '{spec}' is not the one the store was captured from "
-                                f"('{store.model_name}'); pass that model with --model.")
+    lm, store = _model_and_store(args)
     config = DashboardConfig(top_k=args.top_k, n_bins=args.bins, n_intervals=args.intervals,
                              samples_per_interval=args.samples, n_logits=args.logits, n_neighbours=args.neighbours,
                              batch_size=args.batch_size, device=args.device)
@@ -35,7 +66,7 @@ def _run(args) -> int:
             bar.update(max(0, round(fraction * 1000) - bar.n))
             bar.set_postfix_str(message, refresh=True)
 
-        out = build_dashboards(args.sae, args.store, lm, args.out, config=config, force=args.force,
+        out = build_dashboards(args.sae, store.path, lm, args.out, config=config, force=args.force,
                                progress=progress)
     dash = Dashboard.open(out)
     summary = dash.summary()
@@ -48,11 +79,16 @@ def _run(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("dashboards", help="build feature dashboards of an SAE over an activation store")
+    parser = sub.add_parser("dashboards", help="build feature dashboards of an SAE over an activation store "
+                                               "(or over a corpus, captured first)")
     parser.add_argument("--sae", required=True, help="SAE folder (SAELens format)")
-    parser.add_argument("--store", required=True, help="activation store folder holding the SAE's site and layer")
+    parser.add_argument("--store", default=None, help="activation store folder holding the SAE's site and layer")
+    parser.add_argument("--corpus", default=None, help="instead of --store: capture this corpus (builtin, a .txt "
+                        "file, a folder, a .jsonl file or hf:<dataset>) at the SAE's site and layer first")
+    parser.add_argument("--tokens", type=int, default=100_000, help="with --corpus: tokens to capture")
+    parser.add_argument("--context-length", type=int, default=128, help="with --corpus: tokens per window")
     parser.add_argument("--out", default=None, help="output folder (default cache/dashboards/<key>)")
-    parser.add_argument("--model", default=None, help="the store's model (default: the name in its manifest)")
+    parser.add_argument("--model", default=None, help="the model (default: the one the store or SAE names)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", help="model dtype: auto, float32, bfloat16, float16")
     parser.add_argument("--top-k", type=int, default=20, help="top activating examples kept per feature")

@@ -227,3 +227,31 @@ def test_cached_and_listed_and_cli(built, lm, store_dir, tmp_path, monkeypatch, 
     assert payload["path"] == str(out) and payload["features"] == D_SAE
     assert Dashboard.open(out).query("SELECT max(rank) AS r FROM top_examples").iloc[0, 0] <= 4
     assert main(["dashboards", "--sae", str(tmp_path / "missing"), "--store", str(store_dir)]) == 2
+
+
+def test_cli_captures_a_corpus_on_the_fly(built, lm, tmp_path, monkeypatch, capsys):
+    """--corpus captures only the SAE's site and layer into a resumable store, then builds from it."""
+    _, sae_dir, _ = built
+    import engine.models
+    from engine.cli import main
+    from engine.store import ActivationStore
+
+    monkeypatch.setattr(engine.models, "load_model", lambda *a, **k: lm)
+    monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(TEXTS[:40]))
+    args = ["dashboards", "--sae", str(sae_dir), "--corpus", str(corpus), "--tokens", "600",
+            "--context-length", "32", "--top-k", "5", "--json"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["features"] == D_SAE and payload["tokens"] > 500  # the store's rows minus each window's first
+    stores = list((tmp_path / "cache" / "activations").iterdir())
+    assert len(stores) == 1
+    store = ActivationStore.open(stores[0])
+    assert store.sites == ["resid_post"] and store.layers == [1] and store.n_tokens >= 600
+    shards = {p.name: p.stat().st_mtime_ns for p in stores[0].glob("shard_*")}
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0   # the second run reuses the captured store
+    assert {p.name: p.stat().st_mtime_ns for p in stores[0].glob("shard_*")} == shards
+    capsys.readouterr()
+    assert main(["dashboards", "--sae", str(sae_dir)]) == 2   # neither --store nor --corpus
+    assert "either --store" in capsys.readouterr().err
