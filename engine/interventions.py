@@ -9,8 +9,9 @@ Operations (``op``):
 
 - ``steer``          add ``alpha * unit * direction`` (``params``: ``direction`` list of floats, or ``sae`` folder
                      plus ``feature``; ``alpha``; ``unit`` the feature's typical max activation, default 1)
-- ``ablate_features``  SAE features set to zero or to their mean over the prompt's tokens, through the SAE:
-                     ``x' = x + decode(edited acts) - decode(acts)`` (the reconstruction error is kept)
+- ``ablate_features``  SAE features set to zero or to a mean, through the SAE: ``x' = x + decode(edited acts)
+                     - decode(acts)`` (the reconstruction error is kept). The mean is ``params["means"]`` (one
+                     per feature, e.g. over a corpus from the SAE's dashboards) or else the prompt's own mean
 - ``clamp_feature``  one SAE feature set to ``value``, the same way
 - ``ablate_neurons`` MLP hidden units (site ``mlp_hidden``) set to zero or their mean over the prompt
 - ``ablate_heads``   attention heads: their slice of the attention output projection's input is zeroed
@@ -72,7 +73,8 @@ class Intervention:
         p = self.params
         detail = {
             "steer": lambda: f"alpha={p.get('alpha')}" + (f" · SAE feature {p['feature']}" if "sae" in p else ""),
-            "ablate_features": lambda: f"{p.get('mode', 'zero')} features {p.get('features')}",
+            "ablate_features": lambda: f"{p.get('mode', 'zero')} features {p.get('features')}"
+                                       + (" (reference means)" if p.get("means") is not None else ""),
             "clamp_feature": lambda: f"feature {p.get('feature')} = {p.get('value')}",
             "ablate_neurons": lambda: f"{p.get('mode', 'zero')} neurons {p.get('neurons')}",
             "ablate_heads": lambda: f"heads {p.get('heads')}",
@@ -95,9 +97,14 @@ def steer_sae_feature(sae_folder: str | Path, feature: int, alpha: float, layer:
 
 
 def ablate_features(sae_folder: str | Path, features: Sequence[int], layer: int, site: str = "resid_post",
-                    mode: str = "zero", positions: Sequence[int] | None = None) -> Intervention:
-    return Intervention("ablate_features", site, layer, None if positions is None else list(positions),
-                        {"sae": str(sae_folder), "features": [int(f) for f in features], "mode": mode})
+                    mode: str = "zero", positions: Sequence[int] | None = None,
+                    means: Sequence[float] | None = None) -> Intervention:
+    """``mode="mean"`` sets each feature to ``means[i]`` (a reference mean, e.g. over a corpus) or, without
+    ``means``, to its mean over the prompt's own tokens."""
+    params = {"sae": str(sae_folder), "features": [int(f) for f in features], "mode": mode}
+    if means is not None:
+        params["means"] = list(means)  # checked when compiled (specs also come from JSON)
+    return Intervention("ablate_features", site, layer, None if positions is None else list(positions), params)
 
 
 def clamp_feature(sae_folder: str | Path, feature: int, value: float, layer: int, site: str = "resid_post",
@@ -284,6 +291,21 @@ def _prompt_mean(h: torch.Tensor) -> torch.Tensor:
     return body.mean(dim=1, keepdim=True)
 
 
+def _reference_means(raw, n: int, device) -> torch.Tensor | None:
+    """``params["means"]`` checked: one finite number per feature, or None when not given."""
+    if raw is None:
+        return None
+    try:
+        values = torch.tensor([float(v) for v in raw], dtype=torch.float32, device=device)
+    except (TypeError, ValueError):
+        raise InterventionError("The ablation means must be a list of numbers, one per feature.") from None
+    if values.numel() != n:
+        raise InterventionError(f"{values.numel()} ablation means were given for {n} features; give one per feature.")
+    if not bool(torch.isfinite(values).all()):
+        raise InterventionError("The ablation means must be finite numbers.")
+    return values
+
+
 def _sae_edit(sae, positions, change: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Edit:
     """Encode, edit the activations (``change(acts_at_positions, acts_all)``), decode, keep the reconstruction error."""
     def edit(h: torch.Tensor) -> torch.Tensor:
@@ -363,9 +385,15 @@ def _compile_one(lm, spec: Intervention, n_tokens: int) -> CompiledEdit:
             if mode not in ("zero", "mean"):
                 raise InterventionError(f"Ablation mode '{mode}' is unknown; choose 'zero' or 'mean'.")
             idx = torch.tensor(features, dtype=torch.long, device=device)
+            means = _reference_means(p.get("means"), len(features), device) if mode == "mean" else None
 
             def change(acts, all_acts):
-                acts[..., idx] = 0.0 if mode == "zero" else _prompt_mean(all_acts)[..., idx].expand_as(acts[..., idx])
+                if mode == "zero":
+                    acts[..., idx] = 0.0
+                elif means is not None:
+                    acts[..., idx] = means.to(acts.dtype).expand_as(acts[..., idx])
+                else:
+                    acts[..., idx] = _prompt_mean(all_acts)[..., idx].expand_as(acts[..., idx])
                 return acts
         fn = _sae_edit(sae, positions, change)
     elif spec.op == "ablate_neurons":

@@ -11,6 +11,7 @@ from components.intervention_plots import (DELTA_METRICS, delta_lens_heatmap, do
                                            generation_diff_html, sweep_heatmap, tongue_thought_figure)
 from components.session import cache_key, current_model, get_model_by_key, model_key, show_user_error
 from engine import interventions as iv
+from engine.dashboards import corpus_means
 from engine.errors import UserError
 from engine.prompt_sets import CONCEPTS, LANGUAGES
 from engine.sae import list_saes
@@ -118,7 +119,10 @@ def _build_spec(lm, key, mid) -> iv.Intervention:
             if len(features) != 1:
                 raise UserError("Give exactly one feature to clamp.")
             return iv.clamp_feature(folder, features[0], float(state["iv_value"]), layer, site, positions)
-        return iv.ablate_features(folder, features, layer, site, state.get("iv_mode", "zero"), positions)
+        mode = state.get("iv_mode", "zero")
+        reference = corpus_means(folder, features) if mode == "mean" else None
+        return iv.ablate_features(folder, features, layer, site, mode, positions,
+                                  means=reference["means"] if reference else None)
     if op == "ablate_neurons":
         return iv.ablate_neurons(layer, _ints(state.get("iv_neurons", ""), "Neurons") or [],
                                  state.get("iv_mode", "zero"), positions)
@@ -126,6 +130,16 @@ def _build_spec(lm, key, mid) -> iv.Intervention:
         return iv.ablate_heads(layer, list(state.get("iv_heads") or []), positions)
     return iv.patch(state["iv_source"], layer, positions or [-1], site, int(state.get("iv_source_layer", layer)),
                     _ints(state.get("iv_source_positions", ""), "Source positions"))
+
+
+def _mean_source(folder: str) -> str:
+    try:
+        reference = corpus_means(folder, [0])
+    except UserError as exc:
+        return str(exc)
+    if reference is None:
+        return "Means over this prompt's tokens: no dashboards of this SAE are built yet (Jobs page)."
+    return f"Means over {reference['tokens']:,} corpus tokens (dashboards '{reference['dashboard']}')."
 
 
 def _builder(lm, key, mid) -> None:
@@ -157,7 +171,11 @@ def _builder(lm, key, mid) -> None:
             st.number_input("Clamp to", key="iv_value", step=1.0)
         else:
             st.radio("Ablate to", ["zero", "mean"], horizontal=True, key="iv_mode",
-                     help="mean: the feature's mean over this prompt's tokens (BOS excluded)")
+                     help="mean: the feature's mean activation over every token of its dashboard's corpus when "
+                          "dashboards of this SAE are built (Jobs page), otherwise over this prompt's tokens "
+                          "(BOS excluded)")
+            if st.session_state.get("iv_mode") == "mean" and st.session_state.get("iv_sae"):
+                st.caption(_mean_source(st.session_state["iv_sae"]))
     elif op == "ablate_neurons":
         st.text_input("Neurons (comma-separated)", key="iv_neurons")
         st.radio("Ablate to", ["zero", "mean"], horizontal=True, key="iv_mode")

@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from engine.dashboards import (Dashboard, DashboardConfig, DashboardError, FeatureAccumulator, build_dashboards,
                                ceil_log2, decoder_neighbours, list_dashboards, text_activations)
+from engine.errors import UserError
 from engine.sae import SAE, SAEConfig, save_sae
 from engine.store import build_store
 
@@ -255,3 +257,19 @@ def test_cli_captures_a_corpus_on_the_fly(built, lm, tmp_path, monkeypatch, caps
     capsys.readouterr()
     assert main(["dashboards", "--sae", str(sae_dir)]) == 2   # neither --store nor --corpus
     assert "either --store" in capsys.readouterr().err
+
+
+def test_corpus_means_for_mean_ablation(built, tmp_path):
+    """Per-feature mean over every token of the store (zeros included), found by the SAE's content hash."""
+    from engine.dashboards import corpus_means
+
+    dash, sae_dir, _ = built
+    _, acts = brute_force(dash)
+    features = [3, 0, 17]
+    got = corpus_means(sae_dir, features, root=dash.path.parent)
+    assert got["tokens"] == acts.shape[0] and got["dashboard"] == dash.path.name
+    np.testing.assert_allclose(got["means"], acts[:, features].double().mean(0).numpy(), rtol=1e-5, atol=1e-7)
+    other = save_sae(make_sae(seed=5), tmp_path / "other-sae")
+    assert corpus_means(other, features, root=dash.path.parent) is None  # no dashboard of that SAE
+    with pytest.raises(UserError, match="not in the dashboard"):
+        corpus_means(sae_dir, [D_SAE + 3], root=dash.path.parent)

@@ -126,6 +126,16 @@ def test_clamp_and_mean_ablation_through_the_sae(lm, sae_folder):
     expected = x.clone()
     expected[2] += (acts[1:, feature].mean() - acts[2, feature]) * sae.W_dec[feature].detach()
     assert torch.allclose(mean_hit, expected, atol=1e-4)
+    # a reference mean (e.g. over a corpus) instead of the prompt's own
+    spec = iv.ablate_features(sae_folder, [feature], 1, mode="mean", positions=[2], means=[0.25])
+    _, ref_hit = _site(lm, [iv.load_specs(json.loads(json.dumps(iv.save_specs([spec]))))[0]], "resid_post", 1)
+    expected = x.clone()
+    expected[2] += (0.25 - acts[2, feature]) * sae.W_dec[feature].detach()
+    assert torch.allclose(ref_hit, expected, atol=1e-4)
+    for bad, message in (([1.0, 2.0], "one per feature"), ([float("nan")], "finite"), (["x"], "list of numbers")):
+        with pytest.raises(UserError, match=message):
+            iv.run_with(lm, PROMPT, [iv.ablate_features(sae_folder, [feature], 1, mode="mean", means=bad)])
+    assert hook_count(lm) == 0
 
 
 def test_neuron_ablation_zeroes_the_mlp_hidden_units(lm):

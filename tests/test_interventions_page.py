@@ -60,3 +60,34 @@ def test_interventions_page_views_and_bad_input():
     at.text_input(key="sweep_target").set_value("short").run()
     assert any("same token length" in e.value for e in at.error)
     assert not at.exception
+
+
+def test_mean_ablation_uses_the_dashboards_corpus_means(tmp_path):
+    """With dashboards of the chosen SAE built, 'mean' ablation takes each feature's corpus mean."""
+    from test_dashboards import TEXTS, make_sae
+
+    from engine.dashboards import DashboardConfig, build_dashboards, corpus_means
+    from engine.models import load_model
+    from engine.sae import save_sae
+    from engine.store import build_store
+
+    lm = load_model("tiny:llama")
+    cache = tmp_path / "cache"
+    store = build_store(lm, iter(TEXTS), cache / "activations" / "s", layers=[1], max_tokens=800, context_length=32)
+    sae_dir = save_sae(make_sae(), cache / "saes" / "tiny-sae")
+    build_dashboards(sae_dir, store.path, lm, None, config=DashboardConfig(batch_size=128, device="cpu"))
+    expected = corpus_means(sae_dir, [3])
+
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("pages/interventions.py")
+    at.run()
+    at.selectbox(key="iv_op").set_value("ablate_features").run()
+    at.selectbox(key="iv_sae").set_value(str(sae_dir)).run()
+    at.text_input(key="iv_features").set_value("3").run()
+    at.radio(key="iv_mode").set_value("mean").run()
+    assert any("corpus tokens" in c.value for c in at.caption), [c.value for c in at.caption]
+    at.button(key="iv_add").click().run()
+    assert not at.exception, at.exception
+    added = at.session_state["iv_specs"][-1]
+    assert added["op"] == "ablate_features" and added["params"]["means"] == expected["means"]
