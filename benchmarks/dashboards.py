@@ -45,8 +45,9 @@ def synthetic_batches(n_tokens, d_in, batch_size, device, seed=0):
         yield torch.randn(n, d_in, generator=generator, device=device), torch.arange(start, start + n, device=device)
 
 
-def one_pass(sae, batches, device, top_k, n_bins, samples):
-    acc = FeatureAccumulator(sae.d_sae, top_k=top_k, n_bins=n_bins, reservoir=samples, device=device)
+def one_pass(sae, batches, device, top_k, n_bins, samples, cooccur=False):
+    acc = FeatureAccumulator(sae.d_sae, top_k=top_k, n_bins=n_bins, reservoir=samples, device=device,
+                             cooccur=cooccur)
     tokens = 0
     with torch.no_grad():
         for x, rows in batches():
@@ -148,6 +149,11 @@ def main() -> None:
     note = "" if done == sae.d_sae else f"  (measured {measured:.1f} s on {done:,} features, scaled to all)"
     print(f"baseline:  {base:8.2f} s  {tokens / base:12,.0f} tokens/s  (feature batches of {args.feature_batch}){note}")
     print(f"speed-up:  {base / ours:.1f}x")
+    if sae.d_sae <= 16384:  # the build's optional extra (not in the baseline): pair counts for co-occurrence
+        start = time.perf_counter()
+        one_pass(sae, batches, device, top_k, n_bins, samples, cooccur=True)
+        extra = time.perf_counter() - start
+        print(f"one pass + co-occurrence: {extra:8.2f} s  ({extra / ours:.2f}x the pass without it)")
 
 
 if __name__ == "__main__":

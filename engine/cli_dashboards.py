@@ -59,6 +59,7 @@ def _run(args) -> int:
     lm, store = _model_and_store(args)
     config = DashboardConfig(top_k=args.top_k, n_bins=args.bins, n_intervals=args.intervals,
                              samples_per_interval=args.samples, n_logits=args.logits, n_neighbours=args.neighbours,
+                             n_cooccur=args.cooccur,
                              batch_size=args.batch_size, device=args.device)
     with tqdm(total=1000, desc="dashboards", unit="‰", bar_format="{l_bar}{bar}| {postfix}",
               file=sys.stderr) as bar:
@@ -97,6 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--samples", type=int, default=5, help="samples per interval")
     parser.add_argument("--logits", type=int, default=10, help="top and bottom logit tokens per feature")
     parser.add_argument("--neighbours", type=int, default=10, help="nearest features by decoder cosine")
+    parser.add_argument("--cooccur", type=int, default=10, help="most co-occurring features kept (0: off)")
     parser.add_argument("--batch-size", type=int, default=4096, help="tokens encoded per batch")
     parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date dashboard exists")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -30,9 +30,13 @@ LayerNorm: centred, times its weight) and by the unembedding. *Approximation:* t
 scale ``1/rms(x)`` (a positive scalar), LayerNorm's bias (the same for every feature) and logit soft-capping
 are left out, so values are "logits per unit of decoder direction" and rankings of tokens are exact for
 the linearised head. **Neighbours**: cosine similarity of decoder rows, top ``n_neighbours`` per feature.
+**Co-occurrence** (SAEs up to 16,384 features; ``n_cooccur=0`` turns it off): the pass also accumulates
+how many tokens each pair of features fires on together (one sparse-by-dense product per batch,
+``[d_sae, B] @ [B, d_sae]``); features are ranked by the Jaccard index of their firing tokens.
 
 Results live in ``cache/dashboards/<key>/`` as parquet tables (``features``, ``histograms``, ``top_examples``,
-``intervals``, ``logits``, ``neighbours``) plus ``manifest.json``, written atomically, the manifest last.
+``intervals``, ``logits``, ``neighbours``, ``cooccurrence``) plus ``manifest.json``, written atomically, the
+manifest last.
 Contexts are not stored: they are rebuilt from the store's token ids (:meth:`Dashboard.contexts`).
 """
 from __future__ import annotations
@@ -55,9 +59,10 @@ from .errors import UserError
 from .fileio import atomic_write, atomic_write_json, sha256_file
 
 Progress = Callable[[float, str], None]
-DASHBOARD_FORMAT = 1
+DASHBOARD_FORMAT = 2
 MANIFEST = "manifest.json"
-TABLES = ("features", "histograms", "top_examples", "intervals", "logits", "neighbours")
+TABLES = ("features", "histograms", "top_examples", "intervals", "logits", "neighbours", "cooccurrence")
+MAX_COOCCUR_FEATURES = 16384  # a [d_sae, d_sae] float32 count table: 1 GiB at this width
 DENSE_DENSITY = 0.01  # features firing on more than 1 % of tokens are "dense" (hidden in the list by default)
 _NO_EXP = -1000  # exponent of a feature that has not fired yet
 
@@ -76,6 +81,7 @@ class DashboardConfig:
     samples_per_interval: int = 5
     n_logits: int = 10
     n_neighbours: int = 10
+    n_cooccur: int = 10  # most co-occurring features kept per feature; 0: not computed
     batch_size: int = 4096
     skip_first_position: bool = True  # BOS rows (position 0) are not counted, as in SAE training
     seed: int = 0
@@ -87,6 +93,8 @@ class DashboardConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise DashboardError(f"The dashboard setting '{name}' must be a positive integer (found {value!r}).")
+        if not isinstance(self.n_cooccur, int) or self.n_cooccur < 0:
+            raise DashboardError(f"n_cooccur must be 0 (off) or a positive integer (found {self.n_cooccur!r}).")
 
     def key_fields(self) -> dict:
         fields = asdict(self)
@@ -119,7 +127,7 @@ class FeatureAccumulator:
     """Streaming per-feature statistics for all ``d_sae`` features (see the module docstring)."""
 
     def __init__(self, d_sae: int, *, top_k: int = 20, n_bins: int = 32, reservoir: int = 5,
-                 device: torch.device | str = "cpu", seed: int = 0):
+                 device: torch.device | str = "cpu", seed: int = 0, cooccur: bool = False):
         if n_bins & (n_bins - 1):
             raise DashboardError(f"The number of histogram bins must be a power of two (found {n_bins}).")
         self.d_sae, self.top_k, self.n_bins, self.reservoir = d_sae, top_k, n_bins, reservoir
@@ -138,6 +146,8 @@ class FeatureAccumulator:
         self.res_row = torch.full((slots, reservoir), -1, dtype=torch.long, device=dev)
         self.res_act = torch.zeros(slots, reservoir, dtype=torch.float32, device=dev)
         self.generator = torch.Generator(device=dev).manual_seed(seed)
+        # tokens on which features i and j both fire (float32: exact up to 2**24 tokens per pair)
+        self.co = torch.zeros(d_sae, d_sae, dtype=torch.float32, device=dev) if cooccur else None
 
     # -- reservoirs
     def _merge(self, slots: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, acts: torch.Tensor) -> None:
@@ -215,6 +225,10 @@ class FeatureAccumulator:
         self.top_row = cand_row.gather(1, pick)
         if r_idx.numel() == 0:
             return
+        if self.co is not None:
+            pattern = torch.sparse_coo_tensor(torch.stack([f_idx, r_idx]), torch.ones_like(values),
+                                              (self.d_sae, acts.shape[0]), check_invariants=False)
+            self.co += torch.sparse.mm(pattern, (acts > 0).float())
         self.count += torch.bincount(f_idx, minlength=self.d_sae)
         self.total += torch.bincount(f_idx, weights=values.double(), minlength=self.d_sae)
         batch_max = torch.zeros_like(self.max).scatter_reduce_(0, f_idx, values, "amax")
@@ -235,6 +249,29 @@ class FeatureAccumulator:
         self._merge(slots, keys, rows[r_idx], values)
 
     # -- results
+    def cooccurring(self, n: int, chunk: int = 1024) -> dict[str, torch.Tensor]:
+        """Per feature the ``n`` features with the highest Jaccard index of firing tokens (self excluded;
+        pairs that never fire together are dropped): ``feature``, ``rank``, ``other``, ``jaccard``, ``together``."""
+        if self.co is None:
+            raise DashboardError("Co-occurrence was not accumulated (cooccur=False).")
+        n = min(n, max(self.d_sae - 1, 1))
+        count = self.co.diagonal().clone()
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("feature", "rank", "other", "jaccard", "together")}
+        for start in range(0, self.d_sae, chunk):
+            block = self.co[start:start + chunk]
+            rows = torch.arange(start, start + block.shape[0], device=self.device)
+            union = count[rows, None] + count[None, :] - block
+            jaccard = torch.where(block > 0, block / union.clamp(min=1), torch.zeros_like(block))
+            jaccard[torch.arange(block.shape[0], device=self.device), rows] = -1.0
+            values, others = jaccard.topk(n, dim=1)
+            keep = values > 0
+            parts["feature"].append(rows[:, None].expand_as(others)[keep])
+            parts["rank"].append(torch.arange(n, device=self.device)[None, :].expand_as(others)[keep])
+            parts["other"].append(others[keep])
+            parts["jaccard"].append(values[keep])
+            parts["together"].append(block.gather(1, others)[keep].long())
+        return {k: torch.cat(v).cpu() for k, v in parts.items()}
+
     def hist_range(self) -> torch.Tensor:
         """Per feature the histogram's upper edge ``R_f`` (0 for dead features)."""
         return torch.where(self.exp > _NO_EXP, torch.ldexp(torch.ones_like(self.max), self.exp.clamp(min=-126).float()),
@@ -460,8 +497,10 @@ def build_dashboards(sae_dir: str | Path, store_dir: str | Path, lm, out: str | 
 
     device = pick_device(config.device)
     sae = sae.to(device=device, dtype=torch.float32)
+    cooccur = 0 < config.n_cooccur and sae.d_sae <= MAX_COOCCUR_FEATURES
     acc = FeatureAccumulator(sae.d_sae, top_k=config.top_k, n_bins=config.n_bins,
-                             reservoir=config.samples_per_interval, device=device, seed=config.seed)
+                             reservoir=config.samples_per_interval, device=device, seed=config.seed,
+                             cooccur=cooccur)
     started = time.time()
     with torch.no_grad():
         for x, rows, stop in _row_batches(store, site, layer, config.batch_size, config.skip_first_position):
@@ -483,6 +522,7 @@ def build_dashboards(sae_dir: str | Path, store_dir: str | Path, lm, out: str | 
                 "store_path": str(Path(store_dir).resolve()), "model": store.model_name,
                 "weights_hash": store.weights_hash, "corpus_hash": store.manifest.get("corpus_hash"),
                 "n_rows": acc.n_rows, "config": asdict(config), "pass_seconds": round(pass_seconds, 3),
+                "cooccurrence": cooccur,
                 "tables": [f"{t}.parquet" for t in TABLES], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_json(manifest_path, manifest)
     say(1.0, f"{acc.n_rows:,} tokens × {sae.d_sae:,} features in {pass_seconds:.1f} s")
@@ -543,6 +583,12 @@ def _write_tables(out: Path, acc: FeatureAccumulator, store, tokenizer, config: 
     _write_parquet({"feature": torch.arange(d_sae).repeat_interleave(k), "rank": torch.arange(k).repeat(d_sae),
                     "neighbour": neighbour_ids.reshape(-1), "cosine": neighbour_cos.reshape(-1)},
                    out / "neighbours.parquet")
+
+    # co-occurrence (an empty table when it was not accumulated)
+    co = acc.cooccurring(config.n_cooccur) if acc.co is not None else {
+        "feature": torch.zeros(0, dtype=torch.long), "rank": torch.zeros(0, dtype=torch.long),
+        "other": torch.zeros(0, dtype=torch.long), "jaccard": torch.zeros(0), "together": torch.zeros(0, dtype=torch.long)}
+    _write_parquet(co, out / "cooccurrence.parquet")
 
     # the feature list: statistics plus searchable labels
     act_tokens: list[list[str]] = [[] for _ in range(d_sae)]
@@ -751,7 +797,10 @@ class Dashboard:
                                      "ORDER BY sign, rank", [f]),
                 "neighbours": self.query("SELECT n.rank, n.neighbour, n.cosine, f.act_tokens FROM neighbours n "
                                          "JOIN features f ON f.feature = n.neighbour WHERE n.feature = ? "
-                                         "ORDER BY n.rank", [f])}
+                                         "ORDER BY n.rank", [f]),
+                "cooccurring": self.query("SELECT c.rank, c.other, c.jaccard, c.together, f.act_tokens "
+                                          "FROM cooccurrence c JOIN features f ON f.feature = c.other "
+                                          "WHERE c.feature = ? ORDER BY c.rank", [f])}
 
     def contexts(self, feature: int, rows: Sequence[int], tokenizer, before: int = 10,
                  after: int = 4) -> list[dict]:

@@ -158,6 +158,15 @@ with tab_feature:
                 label = " | ".join(str(row.act_tokens).split(" | ")[:2]) or "dead"
                 cols[i % 5].button(f"#{row.neighbour} · {row.cosine:.2f} · {show_token(label, 18)}",
                                    key=f"neighbour_{i}", on_click=_open_feature, args=(int(row.neighbour),))
+            cooccurring = data["cooccurring"]
+            if len(cooccurring):
+                st.markdown("**Fires together with** (Jaccard index of the tokens each fires on)")
+                cols = st.columns(5)
+                for i, row in enumerate(cooccurring.itertuples()):
+                    label = " | ".join(str(row.act_tokens).split(" | ")[:2]) or "dead"
+                    cols[i % 5].button(f"#{row.other} · {row.jaccard:.2f} · {show_token(label, 18)}",
+                                       key=f"cooccur_{i}", on_click=_open_feature, args=(int(row.other),),
+                                       help=f"both fire on {row.together:,} tokens")
             test_text = st.text_input("Test this feature on your text", key="feature_test_text",
                                       placeholder="type a sentence and press Enter")
             if test_text.strip():

@@ -273,3 +273,37 @@ def test_corpus_means_for_mean_ablation(built, tmp_path):
     assert corpus_means(other, features, root=dash.path.parent) is None  # no dashboard of that SAE
     with pytest.raises(UserError, match="not in the dashboard"):
         corpus_means(sae_dir, [D_SAE + 3], root=dash.path.parent)
+
+
+def test_cooccurrence_equals_brute_force(built):
+    """Pair counts from the sparse per-batch products equal counting on the dense activations; the
+    ranking is by Jaccard index of firing tokens, self excluded."""
+    dash, _, config = built
+    assert dash.manifest["cooccurrence"] is True
+    _, acts = brute_force(dash)
+    fired = (acts > 0).double()
+    together = fired.T @ fired
+    count = together.diagonal()
+    union = count[:, None] + count[None, :] - together
+    jaccard = torch.where(together > 0, together / union.clamp(min=1), torch.zeros_like(together))
+    jaccard.fill_diagonal_(-1)
+    table = dash.query("SELECT feature, rank, other, jaccard, together FROM cooccurrence ORDER BY feature, rank")
+    assert len(table) > D_SAE  # most features have partners
+    for f in range(D_SAE):
+        mine = table[table.feature == f]
+        expected = jaccard[f][jaccard[f] > 0].sort(descending=True).values[:config.n_cooccur]
+        np.testing.assert_allclose(mine["jaccard"].to_numpy(), expected.numpy(), rtol=1e-5)
+        for other, value, both in zip(mine["other"], mine["jaccard"], mine["together"]):
+            assert math.isclose(float(jaccard[f, other]), value, rel_tol=1e-5) and int(together[f, other]) == both
+    page = dash.feature(int(table.feature.iloc[0]))
+    assert list(page["cooccurring"].columns) == ["rank", "other", "jaccard", "together", "act_tokens"]
+
+
+def test_cooccurrence_can_be_turned_off(lm, store_dir, tmp_path):
+    sae_dir = save_sae(make_sae(), tmp_path / "sae")
+    out = build_dashboards(sae_dir, store_dir, lm, tmp_path / "dash",
+                           config=DashboardConfig(n_cooccur=0, batch_size=256, device="cpu"))
+    dash = Dashboard.open(out)
+    assert dash.manifest["cooccurrence"] is False and len(dash.feature(0)["cooccurring"]) == 0
+    with pytest.raises(UserError, match="n_cooccur"):
+        DashboardConfig(n_cooccur=-1).check()
