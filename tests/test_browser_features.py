@@ -30,5 +30,11 @@ def test_feature_page_by_link(tmp_path, monkeypatch):
         token = page.locator(".le-tok").first
         assert ":" in (token.get_attribute("title") or "")  # hover shows the activation value
         assert page.locator("[data-testid='stException']").count() == 0
+        partners = dash.feature(live)["cooccurring"]
+        assert len(partners)  # the co-occurring features are buttons that open their pages
+        page.get_by_text("Fires together with").first.wait_for(timeout=30_000)
+        other = int(partners["other"].iloc[0])
+        page.get_by_role("button", name=f"#{other} ·").first.click()
+        page.get_by_text(f"Feature #{other}").first.wait_for(timeout=60_000)
         OUTPUT.mkdir(exist_ok=True)
         page.screenshot(path=str(OUTPUT / "features-tiny-feature-page.png"), full_page=True)
