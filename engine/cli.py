@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from .errors import UserError
 
-# one module per topic; a module not written yet is skipped
+# one module per topic
 COMMAND_MODULES = ["engine.cli_lens", "engine.cli_store", "engine.cli_sae", "engine.cli_tuned_lens",
                    "engine.cli_dashboards", "engine.cli_interventions"]
 
@@ -30,11 +31,29 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="allow model code from the hub to run (off by default)")
 
 
+def say(message: str) -> None:
+    """Status lines go to stderr, so that ``--json`` output on stdout stays clean."""
+    print(message, file=sys.stderr)
+
+
 def load_from_args(args):
     from .models import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                      progress=lambda message: print(message, file=sys.stderr))
+                      progress=say)
+
+
+@contextmanager
+def progress_bar(desc: str) -> Iterator[Callable[..., None]]:
+    """A tqdm bar on stderr, handed out as the engine's ``progress(fraction, message="")`` callback."""
+    from tqdm import tqdm
+
+    with tqdm(total=1000, desc=desc, unit="‰", bar_format="{l_bar}{bar}| {postfix}", file=sys.stderr) as bar:
+        def progress(fraction: float, message: str = "") -> None:
+            bar.update(max(0, round(fraction * 1000) - bar.n))
+            if message:
+                bar.set_postfix_str(message, refresh=True)
+        yield progress
 
 
 def emit(payload, as_json: bool, text: str | None = None) -> None:
@@ -49,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="Latent Explorer, headless.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .cli import emit
+from .cli import emit, progress_bar, say
 from .errors import UserError
 
 
@@ -19,19 +18,14 @@ def _model_and_store(args):
     from .sae import read_config
     from .store import ActivationStore, build_store, default_store_dir
 
-    say = lambda message: print(message, file=sys.stderr)  # noqa: E731
     if bool(args.store) == bool(args.corpus):
         raise DashboardCliError("Give either --store (an activation store) or --corpus (capture one now).")
     if args.store:
         store = ActivationStore.open(args.store)
         spec = args.model or store.model_name
         lm = load_model(spec, device=args.device, dtype=args.dtype, progress=say)
-        if lm.weights_hash != store.weights_hash:
-            raise DashboardCliError(f"The model '{spec}' is not the one the store was captured from "
-                                    f"('{store.model_name}'); pass that model with --model.")
+        store.check_model(lm)
         return lm, store
-    from tqdm import tqdm
-
     from .corpora import iter_texts
 
     cfg = read_config(args.sae)
@@ -42,18 +36,13 @@ def _model_and_store(args):
     lm = load_model(spec, device=args.device, dtype=args.dtype, progress=say)
     texts = iter_texts(args.corpus)
     out = default_store_dir(lm, args.corpus, [site], [layer], args.context_length)
-    with tqdm(total=1000, desc="capturing", unit="‰", file=sys.stderr) as bar:
-        def progress(fraction: float, message: str) -> None:
-            bar.update(max(0, round(fraction * 1000) - bar.n))
-            bar.set_postfix_str(message, refresh=False)
+    with progress_bar("capturing") as progress:
         store = build_store(lm, texts, out, layers=[layer], sites=[site], max_tokens=args.tokens,
                             context_length=args.context_length, corpus_spec=args.corpus, progress=progress)
     return lm, store
 
 
 def _run(args) -> int:
-    from tqdm import tqdm
-
     from .dashboards import Dashboard, DashboardConfig, build_dashboards
 
     lm, store = _model_and_store(args)
@@ -61,12 +50,7 @@ def _run(args) -> int:
                              samples_per_interval=args.samples, n_logits=args.logits, n_neighbours=args.neighbours,
                              n_cooccur=args.cooccur,
                              batch_size=args.batch_size, device=args.device)
-    with tqdm(total=1000, desc="dashboards", unit="‰", bar_format="{l_bar}{bar}| {postfix}",
-              file=sys.stderr) as bar:
-        def progress(fraction: float, message: str) -> None:
-            bar.update(max(0, round(fraction * 1000) - bar.n))
-            bar.set_postfix_str(message, refresh=True)
-
+    with progress_bar("dashboards") as progress:
         out = build_dashboards(args.sae, store.path, lm, args.out, config=config, force=args.force,
                                progress=progress)
     dash = Dashboard.open(out)

@@ -4,29 +4,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli import add_model_args, emit, load_from_args
+from .cli import add_model_args, emit, load_from_args, progress_bar
 from .errors import UserError
 
 
-def _tqdm_progress(bar):
-    def progress(fraction: float, message: str = "") -> None:
-        bar.update(round(fraction * 100) - bar.n)
-        if message:
-            bar.set_postfix_str(message, refresh=False)
-    return progress
-
-
 def _patch_sweep(args) -> int:
-    from tqdm import tqdm
-
     from .interventions import patch_sweep
 
     lm = load_from_args(args)
-    with tqdm(total=100, desc="patching", unit="%") as bar:
+    with progress_bar("patching") as progress:
         result = patch_sweep(lm, args.source, args.target, args.token, kind=args.kind.replace("-", "_"),
                              metric=args.metric, token_b=args.token_b, site=args.site,
                              source_position=args.source_position, target_position=args.target_position,
-                             batch_size=args.batch_size, progress=_tqdm_progress(bar))
+                             batch_size=args.batch_size, progress=progress)
     lines = [f"{result.metric} of {args.token!r}: target (unpatched) {result.target_value:.4g}, "
              f"source {result.source_value:.4g}",
              "rows: " + ("target layer, columns: source layer" if result.kind == "layer_layer"

@@ -1,7 +1,7 @@
 """CLI: ``lens``, ``latent-language`` and ``info``."""
 from __future__ import annotations
 
-from .cli import add_model_args, emit, load_from_args
+from .cli import add_model_args, emit, load_from_args, progress_bar
 
 
 def _lens(args) -> int:
@@ -20,14 +20,10 @@ def _lens(args) -> int:
 
 
 def _latent(args) -> int:
-    from tqdm import tqdm
-
     from .latent_language import run_latent_language
 
     lm = load_from_args(args)
-    with tqdm(total=100, desc=f"{args.source}->{args.target}", unit="%") as bar:
-        def progress(fraction: float) -> None:
-            bar.update(round(fraction * 100) - bar.n)
+    with progress_bar(f"{args.source}->{args.target}") as progress:
         result = run_latent_language(lm, args.source, args.target, n_shots=args.shots, batch_size=args.batch_size,
                                      progress=progress)
     summary = result.summary()

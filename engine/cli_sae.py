@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from .cli import add_model_args, emit
+from .cli import add_model_args, emit, progress_bar
 from .errors import UserError
 
 
@@ -21,19 +20,6 @@ def _open_store(path: str):
     return ActivationStore.open(path)
 
 
-def _bar(desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=1000, desc=desc, unit="‰", bar_format="{l_bar}{bar}| {postfix}", file=sys.stderr)
-
-
-def _progress(bar):
-    def progress(fraction: float, message: str) -> None:
-        bar.update(max(0, round(fraction * 1000) - bar.n))
-        bar.set_postfix_str(message, refresh=True)
-    return progress
-
-
 def _train(args) -> int:
     from .sae_train import TrainConfig, train_sae
 
@@ -47,9 +33,9 @@ def _train(args) -> int:
                          l1_coefficient=args.l1, lr=args.lr, warmup_steps=args.warmup, batch_size=args.batch_size,
                          total_tokens=args.tokens or store.n_tokens, b_dec_init=args.b_dec_init,
                          checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device)
-    with _bar(f"sae {args.arch} L{layer}") as bar:
+    with progress_bar(f"sae {args.arch} L{layer}") as progress:
         result = train_sae(store, out, site=site, layer=layer, config=config, resume=not args.restart,
-                           progress=_progress(bar))
+                           progress=progress)
     final = result.history[-1] if result.history else {}
     payload = {"path": str(result.path), "tokens": result.tokens, "steps": result.steps,
                "seconds": round(result.seconds, 2), "tokens_per_second": round(result.tokens_per_second),
@@ -102,9 +88,9 @@ def _eval(args) -> int:
     if args.no_ce:
         if store is None:
             raise SAECliError("Without the model (--no-ce), evaluation needs cached activations: pass --store.")
-        with _bar("eval") as bar:
+        with progress_bar("eval") as progress:
             report = evaluate_on_store(sae, store, site=site, layer=layer, max_tokens=args.max_tokens,
-                                       progress=_progress(bar))
+                                       progress=progress)
     else:
         from .cli import load_from_args
 
@@ -116,10 +102,10 @@ def _eval(args) -> int:
         if store is not None:
             store.check_model(lm)
         texts = held_out_texts(store, args.corpus, args.skip_docs)
-        with _bar("eval") as bar:
+        with progress_bar("eval") as progress:
             report = evaluate_with_model(sae, lm, texts, site=site, layer=layer, max_tokens=args.max_tokens,
                                          context_length=args.context_length, batch_size=args.batch_size,
-                                         progress=_progress(bar))
+                                         progress=progress)
     report = report_to_json(report)
     emit(report, args.json, _format_report(report))
     return 0
@@ -130,8 +116,8 @@ def _demo(args) -> int:
 
     settings = DemoSettings(model=args.model, layer=args.layer, capture_tokens=args.capture_tokens,
                             train_tokens=args.train_tokens, width=args.width, k=args.k, name=args.name)
-    with _bar("demo SAE") as bar:
-        result = train_demo_sae(settings, progress=_progress(bar), evaluate=not args.no_eval)
+    with progress_bar("demo SAE") as progress:
+        result = train_demo_sae(settings, progress=progress, evaluate=not args.no_eval)
     text = f"saved {result['path']}\ntraining: {result['train']}"
     if result["report"]:
         text += "\n" + _format_report(result["report"])

@@ -1,21 +1,7 @@
 """CLI: ``cache``, ``store-info``, ``project`` and ``geometry``."""
 from __future__ import annotations
 
-import sys
-from contextlib import contextmanager
-
-from .cli import add_model_args, emit, load_from_args
-
-
-@contextmanager
-def _progress_bar(desc: str):
-    from tqdm import tqdm
-
-    with tqdm(total=1000, desc=desc, unit="‰", file=sys.stderr) as bar:
-        def progress(fraction: float, message: str) -> None:
-            bar.update(max(0, round(fraction * 1000) - bar.n))
-            bar.set_postfix_str(message, refresh=False)
-        yield progress
+from .cli import add_model_args, emit, load_from_args, progress_bar
 
 
 def _cache(args) -> int:
@@ -25,7 +11,7 @@ def _cache(args) -> int:
     lm = load_from_args(args)
     texts = iter_texts(args.corpus)
     out = args.out or default_store_dir(lm, args.corpus, args.sites, args.layers, args.context_length, args.store_dtype)
-    with _progress_bar("capturing") as progress:
+    with progress_bar("capturing") as progress:
         store = build_store(lm, texts, out, layers=args.layers, sites=args.sites, max_tokens=args.max_tokens,
                             context_length=args.context_length, batch_size=args.batch_size, dtype=args.store_dtype,
                             corpus_spec=args.corpus, progress=progress, shard_tokens=args.shard_tokens)
@@ -98,7 +84,7 @@ def _geometry(args) -> int:
     from .projections import geometry_by_layer, probe_by_layer
 
     cloud = _cloud(args)
-    with _progress_bar("geometry") as progress:
+    with progress_bar("geometry") as progress:
         result = geometry_by_layer(cloud, args.concept_label, args.language_label, progress=progress)
         if args.label:
             result["probe"] = probe_by_layer(cloud, args.label, folds=args.folds, seed=args.seed,

@@ -10,18 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli import add_model_args, emit, load_from_args
-
-
-def _bar(desc: str):
-    from tqdm import tqdm
-
-    bar = tqdm(total=1000, desc=desc, unit="‰", file=sys.stderr, bar_format="{l_bar}{bar}| {postfix}")
-
-    def progress(fraction: float, message: str) -> None:
-        bar.update(max(0, round(fraction * 1000) - bar.n))
-        bar.set_postfix_str(message, refresh=True)
-    return bar, progress
+from .cli import add_model_args, emit, load_from_args, progress_bar
 
 
 def _table(comparison) -> str:
@@ -41,8 +30,7 @@ def _train(args) -> int:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                          optimizer=args.optimizer, lr=args.lr, vocab_subset=args.vocab_subset or None,
                          heldout_fraction=args.heldout, checkpoint_every=args.checkpoint_every, seed=args.seed)
-    bar, progress = _bar("tuned lens")
-    with bar:
+    with progress_bar("tuned lens") as progress:
         result = train_tuned_lens(lm, args.corpus, out, config, corpus_name=args.corpus, resume=not args.restart,
                                   progress=progress)
     payload = {"model": lm.describe(), "out": str(out), "steps": result.steps_done, "resumed_from": result.resumed_from,
@@ -55,8 +43,7 @@ def _train(args) -> int:
         text += (f"\ntrained on the {config.vocab_subset} most probable tokens (covering "
                  f"{(result.subset_coverage or 0) * 100:.1f}% of the final distribution on a sample)")
     if args.eval_tokens:
-        bar, progress = _bar("evaluating")
-        with bar:
+        with progress_bar("evaluating") as progress:
             comparison = compare_lenses(lm, result.lens, args.corpus, max_tokens=args.eval_tokens,
                                         heldout_fraction=args.heldout, progress=progress)
         payload["eval"] = comparison.to_json()
@@ -73,8 +60,7 @@ def _eval(args) -> int:
     lens = TunedLens.load(folder, lm)
     for warning in lens.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    bar, progress = _bar("evaluating")
-    with bar:
+    with progress_bar("evaluating") as progress:
         comparison = compare_lenses(lm, lens, args.corpus, max_tokens=args.tokens, seq_len=args.seq_len,
                                     heldout_fraction=None if args.all_texts else args.heldout, progress=progress)
     emit({"model": lm.describe(), "lens": str(folder), **comparison.to_json()}, args.json, _table(comparison))
