@@ -11,7 +11,7 @@ import json
 import pandas as pd
 import streamlit as st
 
-from components.session import current_model, show_user_error
+from components.session import current_model, progress_to, show_user_error
 from engine.capture import SITES
 from engine.errors import UserError
 
@@ -65,7 +65,7 @@ def render_capture_section() -> None:
         out = default_store_dir(lm, corpus, sites, layers, int(context), dtype)
         store = build_store(lm, texts, out, layers=layers, sites=sites, max_tokens=int(max_tokens),
                             context_length=int(context), batch_size=int(batch), dtype=dtype, corpus_spec=corpus,
-                            progress=lambda fraction, message: bar.progress(min(max(fraction, 0.0), 1.0), text=message))
+                            progress=progress_to(bar))
     except UserError as exc:
         show_user_error(exc)
         return
@@ -108,7 +108,7 @@ def render_stores_section() -> None:
         try:
             bar = st.progress(0.0)
             problems = ActivationStore.open(entry["path"], allow_incomplete=True).verify(
-                progress=lambda fraction, message: bar.progress(min(fraction, 1.0), text=message))
+                progress=progress_to(bar))
         except UserError as exc:
             show_user_error(exc)
         else:

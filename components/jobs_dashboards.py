@@ -5,7 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from components.session import current_model, show_user_error
+from components.session import current_model, progress_to, show_user_error
 from engine.errors import UserError
 
 
@@ -43,7 +43,7 @@ def render_dashboards_section() -> None:
         try:
             out = build_dashboards(sae_dir, store["path"], lm, config=DashboardConfig(top_k=int(top_k),
                                                                                       batch_size=int(batch)),
-                                   force=force, progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
+                                   force=force, progress=progress_to(bar))
         except UserError as exc:
             show_user_error(exc)
             return

@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from components.session import show_user_error
+from components.session import progress_to, show_user_error
 from engine.errors import UserError
 
 CURVES = (("loss", "loss"), ("l0", "L0"), ("explained_variance", "explained variance"), ("dead_fraction", "dead %"))
@@ -91,12 +91,13 @@ class _LiveView:
 
     def __init__(self, every: float = 1.0):
         self.bar = st.progress(0.0, text="starting…")
+        self._progress = progress_to(self.bar)
         self.chart = st.empty()
         self.history: list[dict] = []
         self.every, self.last = every, 0.0
 
     def progress(self, fraction: float, message: str) -> None:
-        self.bar.progress(min(max(fraction, 0.0), 1.0), text=message)
+        self._progress(fraction, message)
 
     def metrics(self, record: dict) -> None:
         self.history.append(record)

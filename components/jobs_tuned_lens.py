@@ -6,7 +6,7 @@ import re
 import plotly.graph_objects as go
 import streamlit as st
 
-from components.session import current_model
+from components.session import current_model, progress_to
 from engine.errors import UserError
 from engine.tuned_lens import TrainConfig, default_lens_dir, list_lenses, train_tuned_lens
 
@@ -34,8 +34,10 @@ def render_tuned_lens_section() -> None:
     chart = st.empty()
     losses: list[float] = []
 
+    show = progress_to(bar)
+
     def progress(fraction: float, message: str) -> None:
-        bar.progress(min(1.0, fraction), text=message)
+        show(fraction, message)
         found = re.search(r"KL ([0-9.]+)", message)  # "step 12/60  KL 3.210 nats"
         if found:
             losses.append(float(found.group(1)))

@@ -96,3 +96,14 @@ def cache_key(lm: LoadedModel) -> str:
 
 def get_model_by_key(key: tuple[str, str, str, bool]) -> LoadedModel:
     return _cached_model(*key)
+
+
+def progress_to(bar):
+    """The engine's ``progress(fraction, message="")`` callback drawn on an ``st.progress`` bar."""
+    def progress(fraction: float, message: str = "") -> None:
+        value = min(max(float(fraction), 0.0), 1.0)
+        if message:
+            bar.progress(value, text=message)
+        else:
+            bar.progress(value)
+    return progress

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from components.lens_plots import METRICS, latent_language_figure, lens_heatmap, topk_table, tracked_lines
-from components.session import cache_key, current_model, get_model_by_key, model_key
+from components.session import cache_key, current_model, get_model_by_key, model_key, progress_to
 from components.tuned_lens_ui import DISAGREEMENT, comparison_figure, disagreement_heatmap, summary_line
 from engine.errors import UserError
 from engine.latent_language import run_latent_language
@@ -175,7 +175,7 @@ if lens_dirs:
         if st.button("Compare KL and cross-entropy per layer on held-out text", key="lens_cmp_run") or \
                 st.session_state.get("lens_cmp_done") == (mid, chosen, tokens):
             bar = st.progress(0.0, text="Scoring held-out text with both lenses…")
-            comparison = compute_comparison(key, mid, chosen, tokens, _progress=lambda f, m: bar.progress(f, text=m))
+            comparison = compute_comparison(key, mid, chosen, tokens, _progress=progress_to(bar))
             bar.empty()
             st.session_state["lens_cmp_done"] = (mid, chosen, tokens)
             st.plotly_chart(comparison_figure(comparison), width="stretch")
@@ -199,7 +199,7 @@ if l3.button("Run latent-language analysis", type="primary") or st.session_state
                                                                                                      target):
     try:
         bar = st.progress(0.0, text=f"Reading out {source}→{target} translation prompts layer by layer…")
-        summary = compute_latent(key, mid, source, target, lens_dir, _progress=lambda f: bar.progress(f))
+        summary = compute_latent(key, mid, source, target, lens_dir, _progress=progress_to(bar))
         bar.empty()
         st.session_state["ll_done"] = (mid, source, target)
         st.plotly_chart(latent_language_figure(summary, LANGUAGES[target]), width="stretch")
