@@ -627,6 +627,12 @@ def list_dashboards(root: str | Path | None = None, weights_hash: str | None = N
     return sorted(found, key=lambda entry: -entry["mtime"])
 
 
+def find_dashboard(sae_dir: str | Path, root: str | Path | None = None) -> dict | None:
+    """The newest complete dashboard built for this exact SAE (matched by its weights' sha256), or None."""
+    digest = sae_digest(sae_dir)
+    return next((entry for entry in list_dashboards(root) if entry["manifest"].get("sae_sha256") == digest), None)
+
+
 def corpus_means(sae_dir: str | Path, features: Sequence[int], root: str | Path | None = None) -> dict | None:
     """Each feature's mean activation over every token of the newest dashboard built for this exact SAE
     (zeros included: density x mean when firing), for mean-ablation against a corpus rather than one prompt.
@@ -634,23 +640,19 @@ def corpus_means(sae_dir: str | Path, features: Sequence[int], root: str | Path 
     Returns ``{"means": [...], "tokens": n, "dashboard": name}``, or None when no dashboard of this SAE exists.
     """
     features = [int(f) for f in features]
-    if not features:
+    entry = find_dashboard(sae_dir, root) if features else None
+    if entry is None:
         return None
-    digest = sae_digest(sae_dir)
-    for entry in list_dashboards(root):
-        if entry["manifest"].get("sae_sha256") != digest:
-            continue
-        dash = Dashboard.open(entry["path"])
-        table = dash.query("SELECT feature, density * mean_act AS m FROM features WHERE feature IN "
-                           f"({', '.join('?' * len(features))})", features)
-        found = dict(zip(table["feature"].astype(int), table["m"].astype(float)))
-        missing = [f for f in features if f not in found]
-        if missing:
-            raise DashboardError(f"Feature {missing[0]} is not in the dashboard '{entry['name']}' "
-                                 f"({dash.manifest.get('d_sae')} features).")
-        return {"means": [found[f] for f in features], "tokens": int(dash.manifest.get("n_rows", 0)),
-                "dashboard": entry["name"]}
-    return None
+    dash = Dashboard.open(entry["path"])
+    table = dash.query("SELECT feature, density * mean_act AS m FROM features WHERE feature IN "
+                       f"({', '.join('?' * len(features))})", features)
+    found = dict(zip(table["feature"].astype(int), table["m"].astype(float)))
+    missing = [f for f in features if f not in found]
+    if missing:
+        raise DashboardError(f"Feature {missing[0]} is not in the dashboard '{entry['name']}' "
+                             f"({dash.manifest.get('d_sae')} features).")
+    return {"means": [found[f] for f in features], "tokens": int(dash.manifest.get("n_rows", 0)),
+            "dashboard": entry["name"]}
 
 
 class Dashboard:

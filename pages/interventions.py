@@ -11,7 +11,7 @@ from components.intervention_plots import (DELTA_METRICS, delta_lens_heatmap, do
                                            generation_diff_html, sweep_heatmap, tongue_thought_figure)
 from components.session import cache_key, current_model, get_model_by_key, model_key, show_user_error
 from engine import interventions as iv
-from engine.dashboards import corpus_means
+from engine.dashboards import corpus_means, find_dashboard
 from engine.errors import UserError
 from engine.prompt_sets import CONCEPTS, LANGUAGES
 from engine.sae import list_saes
@@ -133,13 +133,14 @@ def _build_spec(lm, key, mid) -> iv.Intervention:
 
 
 def _mean_source(folder: str) -> str:
+    """Which mean 'mean' ablation will use (manifests only: no table is read on a rerun)."""
     try:
-        reference = corpus_means(folder, [0])
+        entry = find_dashboard(folder)
     except UserError as exc:
         return str(exc)
-    if reference is None:
+    if entry is None:
         return "Means over this prompt's tokens: no dashboards of this SAE are built yet (Jobs page)."
-    return f"Means over {reference['tokens']:,} corpus tokens (dashboards '{reference['dashboard']}')."
+    return f"Means over {int(entry['manifest'].get('n_rows', 0)):,} corpus tokens (dashboards '{entry['name']}')."
 
 
 def _builder(lm, key, mid) -> None:
