@@ -11,7 +11,7 @@ import json
 import pandas as pd
 import streamlit as st
 
-from components.session import current_model, progress_to, show_user_error
+from components.session import progress_to, show_user_error
 from engine.capture import SITES
 from engine.errors import UserError
 
@@ -32,7 +32,7 @@ def _corpus_spec() -> str:
     return kind
 
 
-def render_capture_section() -> None:
+def render_capture_section(lm) -> None:
     """Pick model (sidebar), corpus, layers, sites and size; capture with a progress bar."""
     from engine.corpora import iter_texts
     from engine.store import build_store, default_store_dir
@@ -41,7 +41,6 @@ def render_capture_section() -> None:
     st.caption("Runs the corpus through the model once and stores every real token's activations as sharded "
                "safetensors under cache/activations. Starting the same capture again resumes it, or extends it "
                "when you ask for more tokens.")
-    lm = current_model()
     corpus = _corpus_spec()
     cols = st.columns([3, 3])
     all_layers = cols[0].checkbox("All layers", value=True, key="capture_all_layers")
@@ -83,7 +82,7 @@ def _summary(entry: dict) -> dict:
             "state": entry["error"] or ("complete" if entry["complete"] else "incomplete (resume by capturing again)")}
 
 
-def render_stores_section() -> None:
+def render_stores_section(lm) -> None:
     """Table of stores; per store its manifest, a verify button and a delete button."""
     from engine.store import ActivationStore, delete_store, list_stores
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from components.session import current_model, progress_to, show_user_error
+from components.session import progress_to, show_user_error
 from engine.errors import UserError
 
 
-def render_dashboards_section() -> None:
+def render_dashboards_section(lm) -> None:
     """Pick an SAE and a store of the current model, then build every feature's dashboard with progress."""
     from engine.dashboards import DashboardConfig, build_dashboards, list_dashboards
     from engine.sae import list_saes
@@ -19,7 +19,6 @@ def render_dashboards_section() -> None:
     st.caption("One pass over a store encodes every token with the SAE and keeps, for all features at once, "
                "density, histogram, top examples, interval samples, logit effects and neighbours. "
                "Open them on the **SAE features** page.")
-    lm = current_model()
     saes = list_saes()
     stores = [s for s in list_stores() if s["complete"] and s["manifest"]
               and s["manifest"].get("weights_hash") == lm.weights_hash]

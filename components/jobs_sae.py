@@ -139,8 +139,8 @@ def _train_from_store(entry: dict, site: str, layer: int, settings: dict, out: P
     return {"path": str(result.path), "report": report, "tokens_per_second": result.tokens_per_second}
 
 
-def render_sae_training_section() -> None:
-    """Start an SAE training job (or the demo SAE) with a progress bar and live curves."""
+def render_sae_training_section(lm=None) -> None:
+    """Start an SAE training job (or the demo SAE) with a progress bar and live curves (stores of any model)."""
     st.subheader("Train a sparse autoencoder")
     st.caption("TopK (default) or L1 SAEs on cached activations, saved in the SAELens format under cache/saes. "
                "An interrupted run resumes from its last checkpoint when started again with the same settings.")

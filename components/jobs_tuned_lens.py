@@ -6,13 +6,12 @@ import re
 import plotly.graph_objects as go
 import streamlit as st
 
-from components.session import current_model, progress_to
+from components.session import progress_to, show_user_error
 from engine.errors import UserError
 from engine.tuned_lens import TrainConfig, default_lens_dir, list_lenses, train_tuned_lens
 
 
-def render_tuned_lens_section() -> None:
-    lm = current_model()
+def render_tuned_lens_section(lm) -> None:
     st.subheader("Tuned lens")
     existing = list_lenses(lm)
     st.caption("One affine translator per layer, trained to match the final distribution (KL). "
@@ -49,7 +48,7 @@ def render_tuned_lens_section() -> None:
     try:
         result = train_tuned_lens(lm, corpus, out, config, corpus_name=corpus, progress=progress)
     except UserError as exc:
-        st.error(str(exc))
+        show_user_error(exc)
         return
     bar.progress(1.0, text=f"Done: {result.steps_done} steps in {result.seconds:.0f} s, saved to {out}")
     st.success("Choose it on the Lens page with the 'Lens' selector.")

@@ -74,7 +74,7 @@ def current_model() -> LoadedModel:
         with st.spinner(f"Loading {spec or 'model'} (the first load of an embedded model converts it once)…"):
             lm = _cached_model(spec, device, dtype, trust)
     except UserError as exc:
-        st.error(str(exc))
+        show_user_error(exc)
         st.stop()
     st.query_params["model"] = spec
     with st.sidebar:
