@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from components.lens_plots import METRICS, latent_language_figure, lens_heatmap, topk_table, tracked_lines
-from components.session import cache_key, current_model, get_model_by_key, model_key, progress_to
+from components.session import cache_key, current_model, get_model_by_key, model_key, progress_to, show_user_error
 from components.tuned_lens_ui import DISAGREEMENT, comparison_figure, disagreement_heatmap, summary_line
 from engine.errors import UserError
 from engine.latent_language import run_latent_language
@@ -106,7 +106,7 @@ prompt = st.session_state["lens_prompt"]
 try:
     ids = check_prompt(prompt, lm.tokenizer, lm.context_length, MAX_VIEW_TOKENS)
 except UserError as exc:
-    st.error(str(exc))
+    show_user_error(exc)
     st.stop()
 
 n = len(ids)
@@ -123,7 +123,7 @@ try:
     with st.spinner("Running the lens…"):
         result = compute_lens(key, mid, prompt, int(top_k), track, sublayers, positions, lens_dir)
 except UserError as exc:
-    st.error(str(exc))
+    show_user_error(exc)
     st.stop()
 st.query_params.update({"prompt": prompt, "metric": metric, "track": track_text})
 
@@ -153,19 +153,21 @@ with right:
     else:
         st.info("Add tracked tokens above to follow their probability and rank across layers.")
 
-d1, d2 = st.columns(2)
-d1.download_button("Download data (CSV)", pd.DataFrame(result.to_records()).to_csv(index=False),
-                   file_name="logit_lens.csv", mime="text/csv")
-d2.download_button("Download figure (HTML)", fig.to_html(include_plotlyjs=True), file_name="logit_lens.html",
-                   mime="text/html")
+d1, d2 = st.columns(2)  # the files are made on click (the HTML embeds plotly.js: megabytes per rerun otherwise)
+d1.download_button("Download data (CSV)", lambda: pd.DataFrame(result.to_records()).to_csv(index=False),
+                   file_name="logit_lens.csv", mime="text/csv", on_click="ignore")
+d2.download_button("Download figure (HTML)", lambda: fig.to_html(include_plotlyjs=True), file_name="logit_lens.html",
+                   mime="text/html", on_click="ignore")
 
 if lens_dirs:
     st.divider()
     st.subheader("Logit lens vs tuned lens")
     chosen = lens_dir or lens_dirs[0]
     try:
-        logit_result = compute_lens(key, mid, prompt, int(top_k), track, sublayers, positions, "")
-        tuned_result = compute_lens(key, mid, prompt, int(top_k), track, sublayers, positions, chosen)
+        logit_result = result if not lens_dir else compute_lens(key, mid, prompt, int(top_k), track, sublayers,
+                                                                positions, "")
+        tuned_result = result if lens_dir == chosen else compute_lens(key, mid, prompt, int(top_k), track,
+                                                                      sublayers, positions, chosen)
         how = st.selectbox("Disagreement on this prompt", list(DISAGREEMENT), format_func=DISAGREEMENT.get,
                            key="lens_disagreement")
         st.plotly_chart(disagreement_heatmap(logit_result, tuned_result, how), width="stretch")
@@ -181,7 +183,7 @@ if lens_dirs:
             st.plotly_chart(comparison_figure(comparison), width="stretch")
             st.dataframe(pd.DataFrame(comparison.to_records()).round(3), hide_index=True)
     except UserError as exc:
-        st.error(str(exc))
+        show_user_error(exc)
 
 st.divider()
 st.subheader("Latent language")
@@ -208,4 +210,4 @@ if l3.button("Run latent-language analysis", type="primary") or st.session_state
                    f"not a single token for this tokenizer, {items['english_overlaps_answer']} share their token "
                    "with English.")
     except UserError as exc:
-        st.error(str(exc))
+        show_user_error(exc)
