@@ -33,6 +33,35 @@ def _feature_data(path: str, stamp: float, feature: int) -> dict:
     return _dashboard(path, stamp).feature(feature)
 
 
+# the tabs below all run on every rerun: every dashboard query goes through a cache keyed on the build
+@st.cache_data(show_spinner=False, max_entries=8)
+def _summary(path: str, stamp: float) -> dict:
+    return _dashboard(path, stamp).summary()
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _feature_table(path: str, stamp: float, **query) -> pd.DataFrame:
+    return _dashboard(path, stamp).feature_table(**query)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _labels(path: str, stamp: float, features: tuple[int, ...]) -> dict:
+    return _dashboard(path, stamp).labels(list(features))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _map_data(path: str, stamp: float, method: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    dash = _dashboard(path, stamp)
+    return dash.feature_map(method), dash.query("SELECT feature, density, act_tokens FROM features ORDER BY feature")
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _decoder_cosines(path: str, stamp: float, feature: int) -> list[float]:
+    W = _dashboard(path, stamp).sae().W_dec.detach().float()
+    unit = W / W.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    return (unit @ unit[feature]).tolist()
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def _contexts(path: str, stamp: float, feature: int, rows: tuple[int, ...], _tokenizer) -> list[dict]:
     return _dashboard(path, stamp).contexts(feature, list(rows), _tokenizer)
@@ -74,7 +103,7 @@ entry = next(e for e in entries if e["name"] == chosen)
 path, stamp = entry["path"], entry["mtime"]
 try:
     dash = _dashboard(path, stamp)
-    summary = dash.summary()
+    summary = _summary(path, stamp)
 except UserError as exc:
     show_user_error(exc)
     st.stop()
@@ -189,8 +218,8 @@ with tab_list:
     hide_dense = cols[3].checkbox(f"Hide dense (>{100 * DENSE_DENSITY:g} %)", value=True, key="features_hide_dense")
     min_max = cols[4].number_input("Min max activation", min_value=0.0, value=0.0, key="features_min_max")
     try:
-        table = dash.feature_table(sort=SORTS[sort], descending=descending, hide_dense=hide_dense,
-                                   min_max_act=min_max, search=search)
+        table = _feature_table(path, stamp, sort=SORTS[sort], descending=descending, hide_dense=hide_dense,
+                               min_max_act=min_max, search=search)
     except UserError as exc:
         show_user_error(exc)
         table = pd.DataFrame()
@@ -213,7 +242,7 @@ with tab_list:
             st.session_state["_features_list_pick"] = marker
             _open_feature(int(table["feature"].iloc[selected[0]]))
             st.rerun()
-    dead = dash.feature_table(dead=True, sort="feature", descending=False, limit=100_000)
+    dead = _feature_table(path, stamp, dead=True, sort="feature", descending=False, limit=100_000)
     with st.expander(f"Dead features ({len(dead):,})"):
         st.write(", ".join(map(str, dead["feature"].tolist())) or "none")
 
@@ -232,7 +261,7 @@ with tab_text:
                                               prefix="strongest feature per token"), unsafe_allow_html=True)
             k = min(3, acts.shape[1])
             top_ids = np.argsort(-acts, axis=1)[:, :k]
-            names_of = dash.labels(sorted({int(f) for f in top_ids.reshape(-1)}))
+            names_of = _labels(path, stamp, tuple(sorted({int(f) for f in top_ids.reshape(-1)})))
             rows = [{"position": i, "token": show_token(tok, 16),
                      **{f"feature {j + 1}": (f"#{top_ids[i, j]} ({acts[i, top_ids[i, j]]:.2f}) "
                                              f"{names_of.get(int(top_ids[i, j]), '')}"
@@ -245,7 +274,7 @@ with tab_text:
             order = np.argsort(-acts[position])[:20]
             order = [int(f) for f in order if acts[position, f] > 0]
             if order:
-                ranked_labels = dash.labels(order)
+                ranked_labels = _labels(path, stamp, tuple(order))
                 ranked = pd.DataFrame({"feature": order, "activation": [float(acts[position, f]) for f in order],
                                        "top activating tokens": [ranked_labels.get(f, "") for f in order]})
                 event = st.dataframe(ranked, hide_index=True, on_select="rerun", selection_mode="single-row",
@@ -271,13 +300,10 @@ with tab_map:
                           help="UMAP of all decoder directions; the first UMAP in a session compiles for ~1 min."):
         try:
             with st.spinner("Projecting decoder directions…"):
-                coords = dash.feature_map(method)
-            stats = dash.query("SELECT feature, density, act_tokens FROM features ORDER BY feature")
+                coords, stats = _map_data(path, stamp, method)
             current = st.session_state.get("feature_id")
             if color_by.startswith("cosine") and current is not None and 0 <= int(current) < dash.d_sae:
-                W = dash.sae().W_dec.detach().float()
-                unit = W / W.norm(dim=1, keepdim=True).clamp_min(1e-8)
-                color, title = (unit @ unit[int(current)]).tolist(), f"cos to #{int(current)}"
+                color, title = _decoder_cosines(path, stamp, int(current)), f"cos to #{int(current)}"
                 highlight = [int(current)]
             else:
                 color, title = np.log10(stats["density"].to_numpy() + 1e-7).tolist(), "log10 density"
