@@ -6,7 +6,7 @@ import html
 import numpy as np
 import plotly.graph_objects as go
 
-from components.lens_plots import position_labels, show_token
+from components.lens_plots import metric_values, position_labels, show_token
 
 DELTA_METRICS = {"tracked_prob": "Δ P(tracked token)", "top1": "Δ top-1 probability", "entropy": "Δ entropy (nats)",
                  "kl": "Δ KL to final (nats)"}
@@ -45,19 +45,9 @@ def sweep_heatmap(result, height: int | None = None) -> go.Figure:
     return fig
 
 
-def _metric(result, metric: str, tracked: int) -> np.ndarray:
-    if metric == "tracked_prob":
-        return result.tracked_probs[..., tracked]
-    if metric == "top1":
-        return result.top_probs[..., 0]
-    if metric == "entropy":
-        return result.entropy
-    return result.kl_to_final
-
-
 def delta_lens_heatmap(clean, hit, metric: str = "tracked_prob", tracked: int = 0) -> go.Figure:
     """Intervened minus clean lens, per layer and position; cells show the intervened run's top-1 token."""
-    z = _metric(hit, metric, tracked) - _metric(clean, metric, tracked)
+    z = metric_values(hit, metric, tracked) - metric_values(clean, metric, tracked)
     rows, cols = z.shape
     bound = float(np.abs(z).max()) or 1e-9
     text = [[show_token(hit.top_tokens[r][c][0], 7) for c in range(cols)] for r in range(rows)]
