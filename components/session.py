@@ -107,3 +107,16 @@ def progress_to(bar):
         else:
             bar.progress(value)
     return progress
+
+
+def selected_customdata(event) -> list[list[float]]:
+    """The numeric ``customdata`` lists of the points selected in an ``st.plotly_chart(on_select=...)`` event
+    (the event is a dict in some Streamlit paths and an attribute object in others)."""
+    selection = event.get("selection", {}) if isinstance(event, dict) else getattr(event, "selection", None) or {}
+    points = selection.get("points", []) if isinstance(selection, dict) else getattr(selection, "points", [])
+    found = []
+    for point in points or []:
+        data = point.get("customdata")
+        if isinstance(data, list) and data and all(isinstance(v, (int, float)) for v in data):
+            found.append(data)
+    return found

@@ -5,7 +5,8 @@ import pandas as pd
 import streamlit as st
 
 from components.concept_plots import geometry_figure, probe_figure, scatter_figure
-from components.session import cache_key, current_model, get_model_by_key, model_key, show_user_error
+from components.session import (cache_key, current_model, get_model_by_key, model_key, selected_customdata,
+                                show_user_error)
 from engine.capture import SITES
 from engine.corpora import PROMPT_SETS, prompt_set
 from engine.errors import UserError
@@ -64,14 +65,7 @@ def probes(spec: tuple, label: str) -> dict:
 
 # --- widgets ------------------------------------------------------------------------------
 def _selected_points(event) -> list[int]:
-    selection = event.get("selection", {}) if isinstance(event, dict) else getattr(event, "selection", {}) or {}
-    points = selection.get("points", []) if isinstance(selection, dict) else getattr(selection, "points", [])
-    chosen = []
-    for point in points or []:
-        data = point.get("customdata")
-        if isinstance(data, list) and data and isinstance(data[0], (int, float)):
-            chosen.append(int(data[0]))
-    return sorted(set(chosen))
+    return sorted({int(data[0]) for data in selected_customdata(event)})
 
 
 def choose_source(lm, key: tuple, mid: str) -> tuple | None:

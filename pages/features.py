@@ -14,7 +14,7 @@ import streamlit as st
 from components.feature_views import (density_text, feature_map_figure, highlight_tokens_html, histogram_figure,
                                       logit_table)
 from components.lens_plots import show_token
-from components.session import cache_key, current_model, show_user_error
+from components.session import cache_key, current_model, selected_customdata, show_user_error
 from engine.dashboards import DENSE_DENSITY, Dashboard, list_dashboards, text_activations
 from engine.errors import UserError
 
@@ -311,9 +311,9 @@ with tab_map:
             labels_map = [str(t).split(" | ")[0] for t in stats["act_tokens"]]
             event = st.plotly_chart(feature_map_figure(coords, color, title, labels_map, highlight),
                                     on_select="rerun", selection_mode="points", key="feature_map")
-            points = event.selection.get("points", []) if event is not None else []
-            if points and points[0].get("customdata"):
-                picked = int(points[0]["customdata"][0])
+            points = selected_customdata(event)
+            if points:
+                picked = int(points[0][0])
                 if st.session_state.get("_features_map_pick") != picked:
                     st.session_state["_features_map_pick"] = picked
                     _open_feature(picked)

@@ -7,7 +7,8 @@ import pandas as pd
 import streamlit as st
 
 from components.lens_plots import METRICS, latent_language_figure, lens_heatmap, topk_table, tracked_lines
-from components.session import cache_key, current_model, get_model_by_key, model_key, progress_to, show_user_error
+from components.session import (cache_key, current_model, get_model_by_key, model_key, progress_to,
+                                selected_customdata, show_user_error)
 from components.tuned_lens_ui import DISAGREEMENT, comparison_figure, disagreement_heatmap, summary_line
 from engine.errors import UserError
 from engine.latent_language import run_latent_language
@@ -66,11 +67,8 @@ def _init_state() -> None:
 
 
 def _selected_cell(event, rows: int, cols: int) -> tuple[int, int] | None:
-    points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else \
-        getattr(getattr(event, "selection", None), "points", []) or []
-    for point in points:
-        data = point.get("customdata")
-        if isinstance(data, list) and len(data) == 2 and all(isinstance(v, (int, float)) for v in data):
+    for data in selected_customdata(event):
+        if len(data) == 2:
             r, c = int(data[0]), int(data[1])
             if 0 <= r < rows and 0 <= c < cols:
                 return r, c
