@@ -128,8 +128,7 @@ def main() -> None:
         store_path = args.store
         if store_path is None:
             wanted = (sae.cfg.extra.get("latent_explorer") or {}).get("weights_hash")
-            store_path = next(s["path"] for s in list_stores() if s["manifest"]
-                              and s["manifest"].get("weights_hash") == wanted)
+            store_path = next(s["path"] for s in list_stores(complete=True, weights_hash=wanted))
         store = ActivationStore.open(store_path)
         site, layer = check_sae_store(sae, store)
         cached = demo_batches(store, site, layer, args.batch_size)  # read once: both methods time compute only

@@ -20,8 +20,7 @@ def render_dashboards_section(lm) -> None:
                "density, histogram, top examples, interval samples, logit effects and neighbours. "
                "Open them on the **SAE features** page.")
     saes = list_saes()
-    stores = [s for s in list_stores() if s["complete"] and s["manifest"]
-              and s["manifest"].get("weights_hash") == lm.weights_hash]
+    stores = list_stores(complete=True, weights_hash=lm.weights_hash)
     if not saes or not stores:
         st.info("Needs an SAE (train one above) and a complete activation store of this model (capture one above).")
         return

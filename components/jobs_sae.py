@@ -113,7 +113,7 @@ class _LiveView:
 def _store_entries() -> list[dict]:
     from engine.store import list_stores
 
-    return [entry for entry in list_stores() if entry["complete"] and entry["manifest"]]
+    return list_stores(complete=True)
 
 
 def _store_label(entry: dict) -> str:

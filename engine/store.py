@@ -615,8 +615,10 @@ def _ranges(values: Sequence[int]) -> str:
 
 
 # --- managing stores ----------------------------------------------------------------------
-def list_stores(root: str | Path | None = None) -> list[dict]:
-    """Every store folder under ``root`` (default ``cache/activations``), newest first.
+def list_stores(root: str | Path | None = None, *, complete: bool = False,
+                weights_hash: str | None = None) -> list[dict]:
+    """Every store folder under ``root`` (default ``cache/activations``), newest first; with ``complete``
+    only finished stores, with ``weights_hash`` only one model's.
 
     Each entry: ``path``, ``name``, ``manifest`` (dict or None), ``size_bytes``, ``complete``, ``error``.
     """
@@ -635,6 +637,10 @@ def list_stores(root: str | Path | None = None) -> list[dict]:
             entry["complete"] = bool(entry["manifest"].get("complete"))
         except ValueError:
             entry["error"] = "manifest is not valid JSON"
+        if complete and not (entry["complete"] and entry["manifest"]):
+            continue
+        if weights_hash and (entry["manifest"] or {}).get("weights_hash") != weights_hash:
+            continue
         entries.append(entry)
     return sorted(entries, key=lambda e: -e["mtime"])
 

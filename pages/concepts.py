@@ -79,7 +79,7 @@ def choose_source(lm, key: tuple, mid: str) -> tuple | None:
         site = cols[2].selectbox("Site", SITES, index=SITES.index("resid_post"), key="concept_site")
         st.caption(prompt_set(name).description)
         return ("prompts", key, mid, name, site, positions)
-    entries = [e for e in list_stores() if e["complete"] and e["manifest"]]
+    entries = list_stores(complete=True)
     if not entries:
         st.info("No activation store yet: capture one on the Jobs page, or use a prompt set.")
         return None

@@ -160,6 +160,8 @@ def test_list_and_delete(tiny_llama, tmp_path):
     _build(tiny_llama, tmp_path / "root" / "one", max_tokens=20)
     entries = list_stores(tmp_path / "root")
     assert [e["name"] for e in entries] == ["one"] and entries[0]["complete"] and entries[0]["size_bytes"] > 0
+    assert list_stores(tmp_path / "root", complete=True, weights_hash=tiny_llama.weights_hash) == entries
+    assert list_stores(tmp_path / "root", weights_hash="another model") == []
     (tmp_path / "root" / "notastore").mkdir()
     with pytest.raises(StoreError, match="not an activation store"):
         delete_store(tmp_path / "root" / "notastore")
