@@ -3,7 +3,7 @@
 Both methods read the same store rows and compute, per feature, count, max, a histogram of non-zero
 activations, the top-k activating rows and interval samples.
 
-- **one pass** (``engine.dashboards.FeatureAccumulator``): each token batch is encoded once and all
+- **one pass** (``engine.features.dashboards.FeatureAccumulator``): each token batch is encoded once and all
   features are updated with batched tensor ops.
 - **baseline** (the way SAEDashboard organises the work): features are processed in batches of
   ``--feature-batch``; for each feature batch every token is encoded again (a top-k SAE needs the full
@@ -25,8 +25,8 @@ from common import sync  # noqa: F401  (also puts the repo root on sys.path)
 
 import torch
 
-from engine.dashboards import FeatureAccumulator
-from engine.models import cache_root
+from engine.features.dashboards import FeatureAccumulator
+from engine.core.models import cache_root
 
 
 def demo_batches(store, site, layer, batch_size):
@@ -110,7 +110,7 @@ def main() -> None:
     top_k, n_bins, samples = 20, 32, 5
 
     if args.synthetic_tokens:
-        from engine.sae import SAE, SAEConfig
+        from engine.sae.base import SAE, SAEConfig
 
         sae = SAE(SAEConfig(d_in=args.d_in, d_sae=args.width, architecture="topk", k=64,
                             metadata={"hook_name": "blocks.0.hook_resid_post"}), device=device)
@@ -120,9 +120,9 @@ def main() -> None:
         batches = lambda: synthetic_batches(args.synthetic_tokens, args.d_in, args.batch_size, device)  # noqa: E731
         what = f"random top-k SAE {args.width:,} wide over {args.synthetic_tokens:,} random tokens"
     else:
-        from engine.dashboards import check_sae_store
-        from engine.sae import load_sae
-        from engine.store import ActivationStore, list_stores
+        from engine.features.dashboards import check_sae_store
+        from engine.sae.base import load_sae
+        from engine.data.store import ActivationStore, list_stores
 
         sae = load_sae(args.sae).to(device)
         store_path = args.store

@@ -13,8 +13,8 @@ import argparse
 import torch
 from common import devices, english_text, timed
 
-from engine.lens import run_lens
-from engine.models import load_model
+from engine.lens.logit import run_lens
+from engine.core.models import load_model
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.projections import project, warm_up_umap  # noqa: E402
+from engine.geometry.projections import project, warm_up_umap  # noqa: E402
 
 
 def points(n: int, width: int, seed: int = 0) -> np.ndarray:

@@ -6,7 +6,7 @@ Every figure is printed with its baseline measured in the same run (CPU, and GPU
 - encode: ``sae.encode(x)`` (subtract b_dec, matmul, top-k, scatter) vs ``x @ W_enc`` alone;
 - decode: the sparse top-k decode used in training (``embedding_bag`` over k rows) vs the dense
   ``acts @ W_dec``;
-- training: tokens/s of :func:`engine.sae_train.train_sae` vs a bare dense ReLU autoencoder step of the
+- training: tokens/s of :func:`engine.sae.training.train_sae` vs a bare dense ReLU autoencoder step of the
   same shapes (forward, backward, Adam), i.e. what the matmuls alone cost.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.sae import SAE, SAEConfig, sparse_decode  # noqa: E402
-from engine.sae_train import TrainConfig, train_sae  # noqa: E402
+from engine.sae.base import SAE, SAEConfig, sparse_decode  # noqa: E402
+from engine.sae.training import TrainConfig, train_sae  # noqa: E402
 
 
 def timed(fn, device: torch.device, repeats: int = 10, warmup: int = 2) -> float:

@@ -12,8 +12,8 @@ import pandas as pd
 import streamlit as st
 
 from components.session import progress_to, show_user_error
-from engine.capture import SITES
-from engine.errors import UserError
+from engine.core.capture import SITES
+from engine.core.errors import UserError
 
 CORPORA = {"builtin": "built-in English (Python standard library docstrings)",
            "builtin-multilingual": "built-in multilingual word lists (7 languages)",
@@ -34,8 +34,8 @@ def _corpus_spec() -> str:
 
 def render_capture_section(lm) -> None:
     """Pick model (sidebar), corpus, layers, sites and size; capture with a progress bar."""
-    from engine.corpora import iter_texts
-    from engine.store import build_store, default_store_dir
+    from engine.data.corpora import iter_texts
+    from engine.data.store import build_store, default_store_dir
 
     st.subheader("Capture activations")
     st.caption("Runs the corpus through the model once and stores every real token's activations as sharded "
@@ -84,7 +84,7 @@ def _summary(entry: dict) -> dict:
 
 def render_stores_section(lm) -> None:
     """Table of stores; per store its manifest, a verify button and a delete button."""
-    from engine.store import ActivationStore, delete_store, list_stores
+    from engine.data.store import ActivationStore, delete_store, list_stores
 
     st.subheader("Activation stores")
     entries = list_stores()

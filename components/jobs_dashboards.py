@@ -6,14 +6,14 @@ from pathlib import Path
 import streamlit as st
 
 from components.session import progress_to, show_user_error
-from engine.errors import UserError
+from engine.core.errors import UserError
 
 
 def render_dashboards_section(lm) -> None:
     """Pick an SAE and a store of the current model, then build every feature's dashboard with progress."""
-    from engine.dashboards import DashboardConfig, build_dashboards, list_dashboards
-    from engine.sae import list_saes
-    from engine.store import list_stores
+    from engine.features.dashboards import DashboardConfig, build_dashboards, list_dashboards
+    from engine.sae.base import list_saes
+    from engine.data.store import list_stores
 
     st.subheader("Feature dashboards")
     st.caption("One pass over a store encodes every token with the SAE and keeps, for all features at once, "

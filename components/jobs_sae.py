@@ -3,7 +3,7 @@
 ``render_sae_training_section()`` lets the user pick an activation store, a site/layer and the
 training settings, then trains in the page run with a progress bar and live curves of loss, L0,
 explained variance and dead %. A button trains the demo SAE (built-in corpus, default model).
-``render_sae_report_card(report)`` shows what :mod:`engine.sae_eval` measured.
+``render_sae_report_card(report)`` shows what :mod:`engine.sae.evaluation` measured.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from components.session import progress_to, show_user_error
-from engine.errors import UserError
+from engine.core.errors import UserError
 
 CURVES = (("loss", "loss"), ("l0", "L0"), ("explained_variance", "explained variance"), ("dead_fraction", "dead %"))
 
@@ -111,7 +111,7 @@ class _LiveView:
 
 
 def _store_entries() -> list[dict]:
-    from engine.store import list_stores
+    from engine.data.store import list_stores
 
     return list_stores(complete=True)
 
@@ -125,9 +125,9 @@ def _store_label(entry: dict) -> str:
 
 
 def _train_from_store(entry: dict, site: str, layer: int, settings: dict, out: Path, view: _LiveView) -> dict:
-    from engine.sae_eval import evaluate_on_store, report_to_json
-    from engine.sae_train import TrainConfig, train_sae
-    from engine.store import ActivationStore
+    from engine.sae.evaluation import evaluate_on_store, report_to_json
+    from engine.sae.training import TrainConfig, train_sae
+    from engine.data.store import ActivationStore
 
     store = ActivationStore.open(entry["path"])
     config = TrainConfig(**settings)
@@ -152,7 +152,7 @@ def render_sae_training_section(lm=None) -> None:
 
     with st.expander("Demo SAE: built-in corpus on gemma-3-270m, middle layer (a few minutes on CPU)"):
         if st.button("Train the demo SAE", key="sae_demo_button"):
-            from engine.sae_train import train_demo_sae
+            from engine.sae.training import train_demo_sae
 
             view = _LiveView()
             try:
@@ -194,7 +194,7 @@ def render_sae_training_section(lm=None) -> None:
         default_name = f"{Path(entry['name']).name}-L{layer}-{site}-{arch}-w{int(width)}"
         name = cols[1].text_input("Save as (folder under cache/saes)", value=default_name, key="sae_name")
         if st.button("Start training", type="primary", key="sae_start"):
-            from engine.models import cache_root
+            from engine.core.models import cache_root
 
             clean = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name.strip()).strip(".")
             if not clean:

@@ -7,8 +7,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from components.session import progress_to, show_user_error
-from engine.errors import UserError
-from engine.tuned_lens import TrainConfig, default_lens_dir, list_lenses, train_tuned_lens
+from engine.core.errors import UserError
+from engine.lens.tuned import TrainConfig, default_lens_dir, list_lenses, train_tuned_lens
 
 
 def render_tuned_lens_section(lm) -> None:

@@ -12,8 +12,8 @@ import threading
 import streamlit as st
 import torch
 
-from engine.errors import UserError
-from engine.models import DEFAULT_MODEL, EMBEDDED, LoadedModel, load_model
+from engine.core.errors import UserError
+from engine.core.models import DEFAULT_MODEL, EMBEDDED, LoadedModel, load_model
 
 OTHER = "Other (Hugging Face id, folder or .gguf)…"
 _LOAD_LOCK = threading.Lock()

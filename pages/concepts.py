@@ -7,13 +7,13 @@ import streamlit as st
 from components.concept_plots import geometry_figure, probe_figure, scatter_figure
 from components.session import (cache_key, current_model, get_model_by_key, model_key, selected_customdata,
                                 show_user_error)
-from engine.capture import SITES
-from engine.corpora import PROMPT_SETS, prompt_set
-from engine.errors import UserError
-from engine.models import cache_root
-from engine.projections import (POSITION_MODES, geometry_by_layer, probe_by_layer, procrustes_align, project,
+from engine.core.capture import SITES
+from engine.data.corpora import PROMPT_SETS, prompt_set
+from engine.core.errors import UserError
+from engine.core.models import cache_root
+from engine.geometry.projections import (POSITION_MODES, geometry_by_layer, probe_by_layer, procrustes_align, project,
                                 prompt_cloud, store_cloud, umap_ready, warm_up_umap)
-from engine.store import ActivationStore, list_stores
+from engine.data.store import ActivationStore, list_stores
 
 POSITION_NAMES = {"last": "last token of each prompt", "all": "every token", "mean": "mean over tokens"}
 

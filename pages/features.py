@@ -1,6 +1,6 @@
 """SAE features: the feature browser (list, feature page, what fires on my text, feature map).
 
-Reads dashboards built by :mod:`engine.dashboards` (Jobs & data page or ``python -m engine dashboards``).
+Reads dashboards built by :mod:`engine.features.dashboards` (Jobs & data page or ``python -m engine dashboards``).
 Query parameters ``sae`` (SAE folder name or dashboard folder name) and ``feature`` open a feature directly.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from components.feature_views import (density_text, feature_map_figure, highligh
                                       logit_table)
 from components.lens_plots import show_token
 from components.session import cache_key, current_model, selected_customdata, show_user_error
-from engine.dashboards import DENSE_DENSITY, Dashboard, list_dashboards, text_activations
-from engine.errors import UserError
+from engine.features.dashboards import DENSE_DENSITY, Dashboard, list_dashboards, text_activations
+from engine.core.errors import UserError
 
 SORTS = {"density": "density", "max activation": "max_act", "mean activation": "mean_act", "feature id": "feature",
          "top logit token": "top_logits"}

@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.tiny import ARCHS, build_tiny, make_tokenizer  # noqa: E402,F401
+from engine.core.tiny import ARCHS, build_tiny, make_tokenizer  # noqa: E402,F401
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,7 @@ def tokenizer():
 
 @pytest.fixture(params=ARCHS)
 def tiny_lm(request, tokenizer):
-    from engine.models import from_model
+    from engine.core.models import from_model
 
     model, tok = build_tiny(request.param, tokenizer)
     return from_model(model, tok, name=f"tiny-{request.param}")
@@ -44,7 +44,7 @@ def tiny_lm(request, tokenizer):
 
 @pytest.fixture(scope="session")
 def tiny_llama(tokenizer):
-    from engine.models import from_model
+    from engine.core.models import from_model
 
     model, tok = build_tiny("llama", tokenizer)
     return from_model(model, tok, name="tiny-llama")

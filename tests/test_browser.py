@@ -35,7 +35,7 @@ def _click_cell(page, row: int, col: int, rows: int, cols: int) -> None:
 @pytest.mark.parametrize("model, layers", [("smollm2-135m", 30), ("gemma-3-270m", 18)])
 def test_lens_page_in_a_real_browser(model, layers):
     require_browser()
-    from engine.models import load_model
+    from engine.core.models import load_model
 
     load_model(model, check=False)  # converts the GGUF once here, so the server only loads safetensors
     with streamlit_server(model, timeout=240, streamlit_run=True) as url, browser_page() as page:

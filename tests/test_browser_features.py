@@ -12,7 +12,7 @@ def test_feature_page_by_link(tmp_path, monkeypatch):
     require_browser()
     from test_features_page import build_feature_fixture
 
-    from engine.dashboards import Dashboard
+    from engine.features.dashboards import Dashboard
 
     cache = tmp_path / "cache"
     _, out = build_feature_fixture(cache)

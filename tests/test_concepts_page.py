@@ -13,11 +13,11 @@ APP = "../app.py"
 def _isolated(monkeypatch, tmp_path):
     import torch
 
-    import engine.projections
+    import engine.geometry.projections
 
     monkeypatch.setenv("LATENT_EXPLORER_MODEL", "tiny:llama")
     monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(engine.projections, "warm_up_umap", lambda *a, **k: None)  # no numba compile in tests
+    monkeypatch.setattr(engine.geometry.projections, "warm_up_umap", lambda *a, **k: None)  # no numba compile in tests
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -70,9 +70,9 @@ def test_concepts_page_projects_a_prompt_set(monkeypatch):
 
 
 def test_concepts_page_refuses_a_store_of_another_model(tmp_path):
-    from engine.models import from_model
-    from engine.store import activations_root, build_store
-    from engine.tiny import build_tiny, make_tokenizer
+    from engine.core.models import from_model
+    from engine.data.store import activations_root, build_store
+    from engine.core.tiny import build_tiny, make_tokenizer
 
     model, tokenizer = build_tiny("llama", make_tokenizer(), seed=1)
     other = from_model(model, tokenizer, name="some-other-model", check=False)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from engine.corpora import PROMPT_SETS, CorpusError, corpus_hash, iter_texts, prompt_set
-from engine.prompt_sets import CONCEPTS, LANGUAGES
+from engine.data.corpora import PROMPT_SETS, CorpusError, corpus_hash, iter_texts, prompt_set
+from engine.data.prompt_sets import CONCEPTS, LANGUAGES
 
 
 def test_builtin_is_offline_english_and_deterministic():

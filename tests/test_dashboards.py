@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.dashboards import (Dashboard, DashboardConfig, DashboardError, FeatureAccumulator, build_dashboards,
+from engine.features.dashboards import (Dashboard, DashboardConfig, DashboardError, FeatureAccumulator, build_dashboards,
                                ceil_log2, decoder_neighbours, list_dashboards, text_activations)
-from engine.errors import UserError
-from engine.sae import SAE, SAEConfig, save_sae
-from engine.store import build_store
+from engine.core.errors import UserError
+from engine.sae.base import SAE, SAEConfig, save_sae
+from engine.data.store import build_store
 
 D_SAE = 48
 TEXTS = [f"Document {i}: the quick brown fox jumps over the lazy dog, then {i * 7} cats sat on mats."
@@ -34,8 +34,8 @@ def make_sae(arch: str = "standard", seed: int = 0, layer: int = 1, d_in: int = 
 
 @pytest.fixture(scope="module")
 def lm():
-    from engine.models import from_model
-    from engine.tiny import build_tiny
+    from engine.core.models import from_model
+    from engine.core.tiny import build_tiny
 
     model, tok = build_tiny("llama")
     return from_model(model, tok, name="tiny:llama")
@@ -217,10 +217,10 @@ def test_cached_and_listed_and_cli(built, lm, store_dir, tmp_path, monkeypatch, 
     assert [d["name"] for d in list_dashboards(dash.path.parent)] == [dash.path.name]
     assert list_dashboards(dash.path.parent, weights_hash="nope") == []
 
-    import engine.models
-    from engine.cli import main
+    import engine.core.models
+    from engine.cli.common import main
 
-    monkeypatch.setattr(engine.models, "load_model", lambda *a, **k: lm)
+    monkeypatch.setattr(engine.core.models, "load_model", lambda *a, **k: lm)
     out = tmp_path / "cli"
     code = main(["dashboards", "--sae", str(sae_dir), "--store", str(store_dir), "--out", str(out), "--top-k", "5",
                  "--json"])
@@ -234,11 +234,11 @@ def test_cached_and_listed_and_cli(built, lm, store_dir, tmp_path, monkeypatch, 
 def test_cli_captures_a_corpus_on_the_fly(built, lm, tmp_path, monkeypatch, capsys):
     """--corpus captures only the SAE's site and layer into a resumable store, then builds from it."""
     _, sae_dir, _ = built
-    import engine.models
-    from engine.cli import main
-    from engine.store import ActivationStore
+    import engine.core.models
+    from engine.cli.common import main
+    from engine.data.store import ActivationStore
 
-    monkeypatch.setattr(engine.models, "load_model", lambda *a, **k: lm)
+    monkeypatch.setattr(engine.core.models, "load_model", lambda *a, **k: lm)
     monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(TEXTS[:40]))
@@ -261,7 +261,7 @@ def test_cli_captures_a_corpus_on_the_fly(built, lm, tmp_path, monkeypatch, caps
 
 def test_corpus_means_for_mean_ablation(built, tmp_path):
     """Per-feature mean over every token of the store (zeros included), found by the SAE's content hash."""
-    from engine.dashboards import corpus_means
+    from engine.features.dashboards import corpus_means
 
     dash, sae_dir, _ = built
     _, acts = brute_force(dash)

@@ -14,11 +14,11 @@ TEXTS = [f"Note {i}: the quick brown fox jumps over the lazy dog while {i * 3} c
 
 def build_feature_fixture(cache: Path, d_sae: int = 256) -> tuple[Path, Path]:
     """Store + SAE + dashboard for the model the app builds for ``tiny:llama``, under ``cache``."""
-    from engine.dashboards import DashboardConfig, build_dashboards
-    from engine.models import from_model
-    from engine.sae import SAE, SAEConfig, save_sae
-    from engine.store import build_store
-    from engine.tiny import build_tiny
+    from engine.features.dashboards import DashboardConfig, build_dashboards
+    from engine.core.models import from_model
+    from engine.sae.base import SAE, SAEConfig, save_sae
+    from engine.data.store import build_store
+    from engine.core.tiny import build_tiny
 
     model, tok = build_tiny("llama")
     lm = from_model(model, tok, name="tiny:llama")  # same name -> same weights hash as the app's tiny:llama
@@ -72,7 +72,7 @@ def _html(at) -> str:
 
 
 def _live_feature(cache: Path) -> int:
-    from engine.dashboards import Dashboard
+    from engine.features.dashboards import Dashboard
 
     dash = Dashboard.open(cache / "dashboards" / "tiny-sae-dash")
     return int(dash.query("SELECT feature FROM features WHERE NOT dead ORDER BY count DESC LIMIT 1").iloc[0, 0])

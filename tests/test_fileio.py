@@ -6,7 +6,7 @@ import hashlib
 import pytest
 import torch
 
-from engine.fileio import atomic_save_tensors, atomic_write, atomic_write_json, sha256_file
+from engine.core.fileio import atomic_save_tensors, atomic_write, atomic_write_json, sha256_file
 
 
 def test_failed_write_keeps_the_old_file_and_cleans_up(tmp_path):

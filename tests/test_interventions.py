@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import interventions as iv
-from engine.capture import capture
-from engine.errors import UserError
-from engine.tiny import ARCHS
+import engine.interventions.ops as iv
+from engine.core.capture import capture
+from engine.core.errors import UserError
+from engine.core.tiny import ARCHS
 
 PROMPT = "The cat sat on the mat"
 OTHER = "The dog sat on the rug"   # same token count as PROMPT (byte-level tokenizer)
@@ -22,14 +22,14 @@ def hook_count(lm) -> int:
 
 @pytest.fixture(scope="module")
 def lm():
-    from engine.models import load_model
+    from engine.core.models import load_model
 
     return load_model("tiny:llama")
 
 
 @pytest.fixture(scope="module")
 def sae_folder(lm, tmp_path_factory):
-    from engine.sae import SAE, SAEConfig
+    from engine.sae.base import SAE, SAEConfig
 
     torch.manual_seed(3)
     sae = SAE(SAEConfig(d_in=lm.d_model, d_sae=64, architecture="standard",
@@ -71,8 +71,8 @@ def test_zero_alpha_steering_leaves_logits_unchanged(lm):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 def test_identity_patching_leaves_logits_unchanged(arch, tokenizer):
-    from engine.models import from_model
-    from engine.tiny import build_tiny
+    from engine.core.models import from_model
+    from engine.core.tiny import build_tiny
 
     small = from_model(*build_tiny(arch, tokenizer), name=f"tiny-{arch}")
     clean = iv.run_with(small, PROMPT, [])
@@ -149,8 +149,8 @@ def test_neuron_ablation_zeroes_the_mlp_hidden_units(lm):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_head_ablation_equals_zeroing_the_heads_slice_of_o_proj_input(arch, tokenizer):
-    from engine.models import from_model
-    from engine.tiny import build_tiny
+    from engine.core.models import from_model
+    from engine.core.tiny import build_tiny
 
     small = from_model(*build_tiny(arch, tokenizer), name=f"tiny-{arch}")
     anatomy, layer, head = small.anatomy, 1, 2
@@ -179,7 +179,7 @@ def test_head_ablation_equals_zeroing_the_heads_slice_of_o_proj_input(arch, toke
 def test_replayed_prefix_changes_nothing_on_any_architecture(arch, site):
     """Batches skip the layers below their lowest patched layer by replaying the clean run: the sweep
     must equal one full forward per patch on every supported layout."""
-    from engine.models import load_model
+    from engine.core.models import load_model
 
     lm = load_model(f"tiny:{arch}")
     fast = iv.patch_sweep(lm, OTHER, PROMPT, " m", site=site, batch_size=5)
@@ -321,7 +321,7 @@ def test_tongue_from_thought_demo(lm):
 
 
 def test_cli_patch_sweep_json(capsys):
-    from engine.cli import main
+    from engine.cli.common import main
 
     code = main(["patch-sweep", "--model", "tiny:llama", "--source", OTHER, "--target", PROMPT, "--token", " m",
                  "--json"])

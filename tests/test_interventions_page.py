@@ -66,10 +66,10 @@ def test_mean_ablation_uses_the_dashboards_corpus_means(tmp_path):
     """With dashboards of the chosen SAE built, 'mean' ablation takes each feature's corpus mean."""
     from test_dashboards import TEXTS, make_sae
 
-    from engine.dashboards import DashboardConfig, build_dashboards, corpus_means
-    from engine.models import load_model
-    from engine.sae import save_sae
-    from engine.store import build_store
+    from engine.features.dashboards import DashboardConfig, build_dashboards, corpus_means
+    from engine.core.models import load_model
+    from engine.sae.base import save_sae
+    from engine.data.store import build_store
 
     lm = load_model("tiny:llama")
     cache = tmp_path / "cache"

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import build_tiny
-from engine.anatomy import AnatomyError, find_anatomy
-from engine.capture import CaptureError, capture
-from engine.lens import PromptError, check_prompt, lens_stats, run_lens
-from engine.models import from_model
+from engine.core.anatomy import AnatomyError, find_anatomy
+from engine.core.capture import CaptureError, capture
+from engine.lens.logit import PromptError, check_prompt, lens_stats, run_lens
+from engine.core.models import from_model
 
 PROMPT = "The capital of France is"
 

@@ -6,8 +6,8 @@ import json
 import torch
 from streamlit.testing.v1 import AppTest
 
-from engine.models import load_model
-from engine.tuned_lens import TunedLens, default_lens_dir
+from engine.core.models import load_model
+from engine.lens.tuned import TunedLens, default_lens_dir
 
 
 def test_lens_selector_and_comparison(monkeypatch, tmp_path):

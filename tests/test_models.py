@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from engine.cli import main
-from engine.lens import run_lens
-from engine.models import ModelLoadError, _is_complete, load_model, resolve
+from engine.cli.common import main
+from engine.lens.logit import run_lens
+from engine.core.models import ModelLoadError, _is_complete, load_model, resolve
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import projections as P
-from engine.corpora import PromptSet
+import engine.geometry.projections as P
+from engine.data.corpora import PromptSet
 
 RNG = np.random.default_rng(0)
 N, D = 2000, 32

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from engine.sae import (SAE, SAECompatibilityError, SAEConfig, SAELoadError, check_attachable, hook_name_to_site,
+from engine.sae.base import (SAE, SAECompatibilityError, SAEConfig, SAELoadError, check_attachable, hook_name_to_site,
                         load_sae, load_sparsity, save_sae, site_to_hook_name)
 
 D_IN, D_SAE = 8, 16
@@ -280,10 +280,10 @@ def test_attach_checks_width_and_layer(tiny_llama, tmp_path):
 # --- splicing and evaluation ----------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "gpt2", "phi"])
 def test_replace_site_edits_the_right_activation_and_removes_hooks(arch, tokenizer):
-    from engine.capture import capture
-    from engine.models import from_model
-    from engine.sae_eval import replace_site
-    from engine.tiny import build_tiny
+    from engine.core.capture import capture
+    from engine.core.models import from_model
+    from engine.sae.evaluation import replace_site
+    from engine.core.tiny import build_tiny
 
     tiny_lm = from_model(*build_tiny(arch, tokenizer), name=f"tiny-{arch}", check=False)
     anatomy = tiny_lm.anatomy
@@ -307,7 +307,7 @@ def test_replace_site_edits_the_right_activation_and_removes_hooks(arch, tokeniz
 
 
 def test_hooks_removed_when_forward_raises(tiny_llama):
-    from engine.sae_eval import replace_site
+    from engine.sae.evaluation import replace_site
 
     def boom(hidden):
         raise RuntimeError("boom")
@@ -333,7 +333,7 @@ class _IdentitySAE(SAE):
 
 
 def test_evaluate_with_model_report(tiny_llama):
-    from engine.sae_eval import evaluate_with_model, report_to_json
+    from engine.sae.evaluation import evaluate_with_model, report_to_json
 
     d = tiny_llama.d_model
     texts = ["The quick brown fox jumps over the lazy dog.", "Sparse autoencoders find features in models.",

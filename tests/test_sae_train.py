@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from engine.sae import load_sae, load_sparsity
-from engine.sae_train import SAETrainError, TrainConfig, geometric_median, train_sae
+from engine.sae.base import load_sae, load_sparsity
+from engine.sae.training import SAETrainError, TrainConfig, geometric_median, train_sae
 
 
 def synthetic(n: int, d: int = 32, m: int = 64, active: int = 3, seed: int = 12345):
@@ -120,14 +120,14 @@ TEXTS = [f"Document {i}: the cat sat on the mat while the dog barked at number {
 
 @pytest.fixture
 def tiny_store(tiny_llama, tmp_path):
-    store_mod = pytest.importorskip("engine.store")
+    store_mod = pytest.importorskip("engine.data.store")
     return store_mod.build_store(tiny_llama, TEXTS[:30], tmp_path / "store", layers=[1], max_tokens=1500,
                                  context_length=32, corpus_spec="")
 
 
 def test_train_from_store_and_evaluate(tiny_llama, tiny_store, tmp_path):
-    from engine.sae import check_attachable
-    from engine.sae_eval import evaluate_on_store, evaluate_with_model
+    from engine.sae.base import check_attachable
+    from engine.sae.evaluation import evaluate_on_store, evaluate_with_model
 
     config = TrainConfig(d_sae=128, k=8, batch_size=128, total_tokens=3000, lr=1e-3, warmup_steps=5, log_every=5)
     result = train_sae(tiny_store, tmp_path / "sae", site="resid_post", layer=1, config=config)
@@ -159,10 +159,10 @@ def test_store_site_and_layer_errors(tiny_store):
 
 
 def test_cli_train_eval_info(tiny_store, tmp_path, capsys, monkeypatch):
-    from engine import cli
-    from engine.cli import main
+    import engine.cli.common as cli
+    from engine.cli.common import main
 
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["engine.cli_sae"])  # only this topic's parser
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["engine.cli.sae"])  # only this topic's parser
 
     out = tmp_path / "cli-sae"
     code = main(["sae", "train", "--store", str(tiny_store.path), "--layer", "1", "--width", "64", "--k", "4",
@@ -183,7 +183,7 @@ def test_cli_train_eval_info(tiny_store, tmp_path, capsys, monkeypatch):
 def test_jobs_section_trains_and_shows_report_card(tiny_llama, tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    store_mod = pytest.importorskip("engine.store")
+    store_mod = pytest.importorskip("engine.data.store")
     monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(tmp_path / "cache"))
     store_mod.build_store(tiny_llama, TEXTS[:30], tmp_path / "cache" / "activations" / "tiny", layers=[1, 2],
                           max_tokens=1200, context_length=32, corpus_spec="")

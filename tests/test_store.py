@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from engine.store import (ActivationStore, StoreError, build_store, delete_store, iter_windows, list_stores,
+from engine.data.store import (ActivationStore, StoreError, build_store, delete_store, iter_windows, list_stores,
                           special_prefix)
 
 TEXTS = ["The cat sat on the mat.", "A much longer document that spans more than one context window for sure, "
@@ -170,7 +170,7 @@ def test_list_and_delete(tiny_llama, tmp_path):
 
 
 def test_cli_store_info_project_geometry(tiny_llama, tmp_path, capsys):
-    from engine.cli import main
+    from engine.cli.common import main
 
     out = tmp_path / "s"
     _build(tiny_llama, out, texts=_texts(), shard_tokens=100)
@@ -194,8 +194,8 @@ def test_cli_store_info_project_geometry(tiny_llama, tmp_path, capsys):
 
 
 def test_float16_overflow_is_clamped_and_counted(tokenizer, tmp_path):
-    from engine.models import from_model
-    from engine.tiny import build_tiny
+    from engine.core.models import from_model
+    from engine.core.tiny import build_tiny
 
     model, tok = build_tiny("llama", tokenizer)
     with torch.no_grad():

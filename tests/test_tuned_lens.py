@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import build_tiny
-from engine.lens import run_lens
-from engine.models import from_model
-from engine.tuned_lens import (
+from engine.lens.logit import run_lens
+from engine.core.models import from_model
+from engine.lens.tuned import (
     CONFIG_FILE,
     PARAMS_FILE,
     TrainConfig,
@@ -193,10 +193,10 @@ def test_interrupted_training_resumes_to_the_same_lens(small_lm, tmp_path):
 
 
 def test_cli_train_and_eval(tmp_path, capsys, monkeypatch):
-    import engine.cli
-    from engine.cli import main
+    import engine.cli.common
+    from engine.cli.common import main
 
-    monkeypatch.setattr(engine.cli, "COMMAND_MODULES", ["engine.cli_tuned_lens"])  # only this topic's parser
+    monkeypatch.setattr(engine.cli.common, "COMMAND_MODULES", ["engine.cli.tuned_lens"])  # only this topic's parser
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(TEXTS))

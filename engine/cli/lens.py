@@ -1,11 +1,11 @@
 """CLI: ``lens``, ``latent-language`` and ``info``."""
 from __future__ import annotations
 
-from .cli import add_model_args, emit, load_from_args, progress_bar
+from engine.cli.common import add_model_args, emit, load_from_args, progress_bar
 
 
 def _lens(args) -> int:
-    from .lens import run_lens
+    from engine.lens.logit import run_lens
 
     lm = load_from_args(args)
     result = run_lens(lm, args.prompt, top_k=args.top_k, track=args.track, sublayers=args.sublayers)
@@ -20,7 +20,7 @@ def _lens(args) -> int:
 
 
 def _latent(args) -> int:
-    from .latent_language import run_latent_language
+    from engine.lens.latent_language import run_latent_language
 
     lm = load_from_args(args)
     with progress_bar(f"{args.source}->{args.target}") as progress:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli import add_model_args, emit, load_from_args, progress_bar
+from engine.cli.common import add_model_args, emit, load_from_args, progress_bar
 
 
 def _table(comparison) -> str:
@@ -23,7 +23,7 @@ def _table(comparison) -> str:
 
 
 def _train(args) -> int:
-    from .tuned_lens import TrainConfig, compare_lenses, default_lens_dir, train_tuned_lens
+    from engine.lens.tuned import TrainConfig, compare_lenses, default_lens_dir, train_tuned_lens
 
     lm = load_from_args(args)
     out = Path(args.out) if args.out else default_lens_dir(lm.name)
@@ -53,7 +53,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from .tuned_lens import TunedLens, compare_lenses, default_lens_dir
+    from engine.lens.tuned import TunedLens, compare_lenses, default_lens_dir
 
     lm = load_from_args(args)
     folder = Path(args.lens) if args.lens else default_lens_dir(lm.name)

@@ -54,9 +54,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__
-from .errors import UserError
-from .fileio import atomic_write, atomic_write_json, sha256_file
+from engine import __version__
+from engine.core.errors import UserError
+from engine.core.fileio import atomic_write, atomic_write_json, sha256_file
 
 Progress = Callable[[float, str], None]
 DASHBOARD_FORMAT = 2
@@ -381,7 +381,7 @@ _HASH_LOCK = threading.Lock()
 
 def sae_digest(sae_dir: str | Path) -> str:
     """sha256 of the SAE's weights file (memoised by path, size and mtime)."""
-    from .sae import WEIGHTS_FILE
+    from engine.sae.base import WEIGHTS_FILE
 
     path = Path(sae_dir) / WEIGHTS_FILE
     if not path.is_file():
@@ -415,7 +415,7 @@ def check_sae_store(sae, store) -> tuple[str, int]:
 
 
 def dashboards_root() -> Path:
-    from .models import cache_root
+    from engine.core.models import cache_root
 
     return cache_root() / "dashboards"
 
@@ -464,9 +464,9 @@ def build_dashboards(sae_dir: str | Path, store_dir: str | Path, lm, out: str | 
 
     ``lm`` is the store's model (for the unembedding, final norm and token strings).
     """
-    from .models import pick_device
-    from .sae import load_sae
-    from .store import ActivationStore
+    from engine.core.models import pick_device
+    from engine.sae.base import load_sae
+    from engine.data.store import ActivationStore
 
     config = config or DashboardConfig()
     config.check()
@@ -705,7 +705,7 @@ class Dashboard:
         return int(feature)
 
     def store(self):
-        from .store import ActivationStore
+        from engine.data.store import ActivationStore
 
         with self._lock:
             if self._store is None:
@@ -716,7 +716,7 @@ class Dashboard:
             return self._store
 
     def sae(self):
-        from .sae import load_sae
+        from engine.sae.base import load_sae
 
         with self._lock:
             if self._sae is None:
@@ -839,7 +839,7 @@ class Dashboard:
         """2-D projection of the decoder directions (cached as ``map_<method>.parquet``)."""
         import pandas as pd
 
-        from .projections import project
+        from engine.geometry.projections import project
 
         path = self.path / f"map_{method}.parquet"
         if path.is_file():
@@ -856,7 +856,7 @@ class Dashboard:
 def text_activations(lm, sae, site: str, layer: int, text: str, max_tokens: int = 256
                      ) -> tuple[list[str], torch.Tensor]:
     """``(tokens, acts [T, d_sae])`` of the SAE on ``text``; the tokenizer's leading special tokens are dropped."""
-    from .capture import capture
+    from engine.core.capture import capture
 
     if not text or not text.strip():
         raise DashboardError("Enter some text to see which features fire on it.")

@@ -1,12 +1,12 @@
 """CLI: ``cache``, ``store-info``, ``project`` and ``geometry``."""
 from __future__ import annotations
 
-from .cli import add_model_args, emit, load_from_args, progress_bar
+from engine.cli.common import add_model_args, emit, load_from_args, progress_bar
 
 
 def _cache(args) -> int:
-    from .corpora import iter_texts
-    from .store import build_store, default_store_dir
+    from engine.data.corpora import iter_texts
+    from engine.data.store import build_store, default_store_dir
 
     lm = load_from_args(args)
     texts = iter_texts(args.corpus)
@@ -28,7 +28,7 @@ def _describe(store) -> dict:
 
 
 def _store_info(args) -> int:
-    from .store import ActivationStore
+    from engine.data.store import ActivationStore
 
     store = ActivationStore.open(args.store, allow_incomplete=True)
     problems = [] if args.no_verify else store.verify()
@@ -48,19 +48,19 @@ def _store_info(args) -> int:
 
 
 def _cloud(args, layers=None):
-    from .projections import prompt_cloud, store_cloud
+    from engine.geometry.projections import prompt_cloud, store_cloud
 
     if args.prompt_set:
-        from .corpora import prompt_set
+        from engine.data.corpora import prompt_set
 
         lm = load_from_args(args)
         return prompt_cloud(lm, prompt_set(args.prompt_set), site=args.site or "resid_post", positions=args.positions,
                             layers=layers if layers is not None else "all")
     if not args.store:
-        from .errors import UserError
+        from engine.core.errors import UserError
 
         raise UserError("Give --store DIR or --prompt-set NAME.")
-    from .store import ActivationStore
+    from engine.data.store import ActivationStore
 
     store = ActivationStore.open(args.store)
     if layers is not None:
@@ -69,7 +69,7 @@ def _cloud(args, layers=None):
 
 
 def _project(args) -> int:
-    from .projections import project
+    from engine.geometry.projections import project
 
     cloud = _cloud(args, layers=[args.layer])
     coords = project(cloud.at(args.layer), args.method, args.dims, seed=args.seed, normalize=args.normalize)
@@ -81,7 +81,7 @@ def _project(args) -> int:
 
 
 def _geometry(args) -> int:
-    from .projections import geometry_by_layer, probe_by_layer
+    from engine.geometry.projections import geometry_by_layer, probe_by_layer
 
     cloud = _cloud(args)
     with progress_bar("geometry") as progress:

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
-from .fileio import atomic_save_tensors, atomic_write_json
+from engine.core.errors import UserError
+from engine.core.fileio import atomic_save_tensors, atomic_write_json
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -424,7 +424,7 @@ def is_sae_folder(folder: str | Path) -> bool:
 def list_saes(root: str | Path | None = None) -> list[Path]:
     """SAE folders under ``root`` (default ``cache_root()/"saes"``), newest first."""
     if root is None:
-        from .models import cache_root
+        from engine.core.models import cache_root
 
         root = cache_root() / "saes"
     root = Path(root)

@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .capture import SITES, capture, normalize_sites, pad_batch
-from .errors import UserError
-from .fileio import atomic_write_json, sha256_file, temp_path
+from engine import __version__
+from engine.core.capture import SITES, capture, normalize_sites, pad_batch
+from engine.core.errors import UserError
+from engine.core.fileio import atomic_write_json, sha256_file, temp_path
 
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -57,7 +57,7 @@ class StoreError(UserError):
 
 # --- keys and paths -----------------------------------------------------------------------
 def activations_root() -> Path:
-    from .models import cache_root
+    from engine.core.models import cache_root
 
     return cache_root() / "activations"
 
@@ -117,7 +117,7 @@ def store_key(weights_hash: str, sites: Sequence[str], layers: Sequence[int], co
 def default_store_dir(lm, corpus_spec: str, sites=("resid_post",), layers="all", context_length: int = 128,
                       dtype: str = "float16") -> Path:
     """``cache_root()/activations/<model>-<key>``: the folder a capture with these settings uses."""
-    from .corpora import corpus_hash
+    from engine.data.corpora import corpus_hash
 
     site_list = normalize_store_sites(sites)
     layer_list = normalize_layers(layers, lm.n_layers)
@@ -202,7 +202,7 @@ def build_store(lm, texts: Iterable[str], out: str | Path | None, *, layers="all
     settings is refused. ``shard_tokens`` overrides the rows per shard (default: ~256 MB shards).
     ``texts`` must yield the same documents in the same order on every run (all corpora do).
     """
-    from .corpora import corpus_hash
+    from engine.data.corpora import corpus_hash
 
     if dtype not in DTYPES:
         raise StoreError(f"Unknown store dtype '{dtype}'; choose from {', '.join(DTYPES)}.")

@@ -3,9 +3,9 @@
 A :class:`TunedLens` holds a translator for every hidden-state index ``0 .. n_layers-1`` (index 0 is
 the embedding output, ``i+1`` the output of layer ``i``); the last layer's output needs none. Each
 translator maps ``h -> h + (A h + b)`` with ``A`` and ``b`` initialised to zero, so an untrained lens
-*is* the logit lens. The object is a :data:`engine.lens.Transform` (``lens(index, resid)``), so it
-plugs into :func:`engine.lens.run_lens`, :func:`engine.lens.lens_stats` and
-:func:`engine.latent_language.run_latent_language` as their ``transform``.
+*is* the logit lens. The object is a :data:`engine.lens.logit.Transform` (``lens(index, resid)``), so it
+plugs into :func:`engine.lens.logit.run_lens`, :func:`engine.lens.logit.lens_stats` and
+:func:`engine.lens.latent_language.run_latent_language` as their ``transform``.
 
 Training (:func:`train_tuned_lens`) minimises ``KL(final || translated layer)`` over all layers
 jointly, through the model's frozen final norm and unembedding, on activations captured on the fly
@@ -43,11 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .anatomy import Anatomy
-from .capture import _Stop as StopForward
-from .capture import hooked, normalize_sites, pad_batch, run_forward
-from .errors import UserError
-from .fileio import atomic_write
+from engine.core.anatomy import Anatomy
+from engine.core.capture import _Stop as StopForward
+from engine.core.capture import hooked, normalize_sites, pad_batch, run_forward
+from engine.core.errors import UserError
+from engine.core.fileio import atomic_write
 
 Progress = Callable[[float, str], None]
 Texts = str | Sequence[str] | Callable[[], Iterable[str]]
@@ -74,7 +74,7 @@ def unembed_hash(anatomy: Anatomy) -> str:
 
 def default_lens_dir(model_name: str) -> Path:
     """``cache_root()/tuned_lens/<model>``: where the CLI and the demo put a lens by default."""
-    from .models import cache_root
+    from engine.core.models import cache_root
 
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name).strip("_") or "model"
     return cache_root() / "tuned_lens" / safe
@@ -115,7 +115,7 @@ class TunedLens(nn.Module):
 
     @classmethod
     def for_model(cls, lm, bias: bool = True) -> TunedLens:
-        """An identity-initialised lens for a :class:`engine.models.LoadedModel`, on its device."""
+        """An identity-initialised lens for a :class:`engine.core.models.LoadedModel`, on its device."""
         anatomy = lm.anatomy
         lens = cls(anatomy.n_layers, anatomy.d_model, bias, base_model=lm.name, unembed_hash=unembed_hash(anatomy),
                    meta={"model": lm.name, "weights_hash": lm.weights_hash})
@@ -285,7 +285,7 @@ def list_lenses(lm) -> list[Path]:
 # --- text -> activations ------------------------------------------------------------------
 def _resolve_texts(texts: Texts) -> Callable[[], Iterable[str]]:
     if isinstance(texts, str):
-        from .corpora import iter_texts
+        from engine.data.corpora import iter_texts
 
         iter_texts(texts)  # validate the spec now (one clear error)
         return lambda: iter_texts(texts)
@@ -624,7 +624,7 @@ def train_tuned_lens(lm, texts: Texts, out_dir: str | Path | None = None, config
                      corpus_name: str = "", resume: bool = True, progress: Progress | None = None) -> TrainResult:
     """Train (or resume training) a tuned lens for ``lm`` on the training part of ``texts``.
 
-    ``texts`` is a corpus spec for :func:`engine.corpora.iter_texts`, a list of strings, or a function
+    ``texts`` is a corpus spec for :func:`engine.data.corpora.iter_texts`, a list of strings, or a function
     returning an iterable of strings. Texts whose hash falls in ``heldout_fraction`` are never used
     here (see :func:`is_heldout`); :func:`compare_lenses` evaluates on them. With ``out_dir`` a
     checkpoint is written every ``checkpoint_every`` steps and at the end (the lens folder itself is

@@ -23,9 +23,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .capture import hooked, pad_batch, run_forward
-from .errors import UserError
-from .sae import SAE, SAECompatibilityError, check_attachable, describe
+from engine.core.capture import hooked, pad_batch, run_forward
+from engine.core.errors import UserError
+from engine.sae.base import SAE, SAECompatibilityError, check_attachable, describe
 
 Progress = Callable[[float, str], None]
 DENSE_THRESHOLD = 0.1
@@ -279,7 +279,7 @@ def report_to_json(report: dict) -> dict:
 
 def held_out_texts(store, corpus_spec: str | None = None, skip_docs: int | None = None) -> Iterator[str]:
     """Texts of the store's corpus that the store did not capture (those after its last document)."""
-    from .corpora import iter_texts
+    from engine.data.corpora import iter_texts
 
     manifest = getattr(store, "manifest", {}) or {}
     spec = corpus_spec or manifest.get("corpus") or manifest.get("corpus_spec") or "builtin"

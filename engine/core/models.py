@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from .anatomy import Anatomy, find_anatomy
-from .errors import UserError
-from .fileio import atomic_write_text, sha256_file
+from engine.core.anatomy import Anatomy, find_anatomy
+from engine.core.errors import UserError
+from engine.core.fileio import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONVERTED_FORMAT = 1  # bump when the layout of a converted folder changes
 
@@ -92,7 +92,7 @@ def resolve(spec: str) -> Source:
     if spec in EMBEDDED:
         return Source("embedded", spec)
     if spec.startswith("tiny:"):
-        from .tiny import ARCHS
+        from engine.core.tiny import ARCHS
 
         if spec[5:] not in ARCHS:
             raise ModelLoadError(f"Unknown tiny architecture '{spec[5:]}'; choose from {', '.join(ARCHS)}.")
@@ -267,7 +267,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     if source.kind == "tiny":  # random weights, for tests and demos without downloads
-        from .tiny import build_tiny
+        from engine.core.tiny import build_tiny
 
         model, tokenizer = build_tiny(spec[5:])
         lm = from_model(model.to(torch_device, torch_dtype), tokenizer, name=spec, check=check)
@@ -307,7 +307,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
                      device=torch_device, dtype=torch_dtype, weights_hash=weights_hash,
                      context_length=_context_length(model, tokenizer))
     if check:
-        from .lens import self_check, tolerance
+        from engine.lens.logit import self_check, tolerance
 
         lm.self_check_max_abs_diff = self_check(lm)
         if not lm.self_check_max_abs_diff <= tolerance(torch_dtype):
@@ -329,7 +329,7 @@ def from_model(model: torch.nn.Module, tokenizer, name: str = "in-memory", check
                      weights_hash=hashlib.sha256(name.encode()).hexdigest(),
                      context_length=_context_length(model, tokenizer))
     if check and tokenizer is not None:
-        from .lens import self_check
+        from engine.lens.logit import self_check
 
         lm.self_check_max_abs_diff = self_check(lm)
     return lm

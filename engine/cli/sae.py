@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import add_model_args, emit, progress_bar
-from .errors import UserError
+from engine.cli.common import add_model_args, emit, progress_bar
+from engine.core.errors import UserError
 
 
 class SAECliError(UserError):
@@ -14,14 +14,14 @@ class SAECliError(UserError):
 
 def _open_store(path: str):
     try:
-        from .store import ActivationStore
+        from engine.data.store import ActivationStore
     except ImportError as exc:  # pragma: no cover - the store ships with the engine
         raise SAECliError("The activation store module is not available in this installation.") from exc
     return ActivationStore.open(path)
 
 
 def _train(args) -> int:
-    from .sae_train import TrainConfig, train_sae
+    from engine.sae.training import TrainConfig, train_sae
 
     store = _open_store(args.store)
     site = args.site
@@ -49,7 +49,7 @@ def _train(args) -> int:
 
 
 def _default_out(store, site: str, layer: int, args) -> Path:
-    from .models import cache_root
+    from engine.core.models import cache_root
 
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in store.model_name)[-40:]
     width = args.width or f"x{args.expansion:g}"
@@ -79,8 +79,8 @@ def _format_report(report: dict) -> str:
 
 
 def _eval(args) -> int:
-    from .sae import load_sae
-    from .sae_eval import evaluate_on_store, evaluate_with_model, held_out_texts, report_to_json
+    from engine.sae.base import load_sae
+    from engine.sae.evaluation import evaluate_on_store, evaluate_with_model, held_out_texts, report_to_json
 
     sae = load_sae(args.sae)
     store = _open_store(args.store) if args.store else None
@@ -92,7 +92,7 @@ def _eval(args) -> int:
             report = evaluate_on_store(sae, store, site=site, layer=layer, max_tokens=args.max_tokens,
                                        progress=progress)
     else:
-        from .cli import load_from_args
+        from engine.cli.common import load_from_args
 
         if args.model is None:
             args.model = store.model_name if store is not None else sae.cfg.model_name
@@ -112,7 +112,7 @@ def _eval(args) -> int:
 
 
 def _demo(args) -> int:
-    from .sae_train import DemoSettings, train_demo_sae
+    from engine.sae.training import DemoSettings, train_demo_sae
 
     settings = DemoSettings(model=args.model, layer=args.layer, capture_tokens=args.capture_tokens,
                             train_tokens=args.train_tokens, width=args.width, k=args.k, name=args.name)
@@ -126,7 +126,7 @@ def _demo(args) -> int:
 
 
 def _info(args) -> int:
-    from .sae import describe, load_sae, load_sparsity
+    from engine.sae.base import describe, load_sae, load_sparsity
 
     sae = load_sae(args.sae)
     payload = describe(sae)

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .anatomy import Anatomy
-from .errors import UserError
+from engine.core.anatomy import Anatomy
+from engine.core.errors import UserError
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_hidden")
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .capture import accepts_logits_to_keep, capture
-from .errors import UserError
-from .lens import check_prompt, run_lens, tracked_token_ids
+from engine.core.capture import accepts_logits_to_keep, capture
+from engine.core.errors import UserError
+from engine.lens.logit import check_prompt, run_lens, tracked_token_ids
 
 Progress = Callable[[float, str], None]
 EDIT_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_hidden")
@@ -148,7 +148,7 @@ _SAE_CACHE: dict[tuple[str, float, str], object] = {}
 
 
 def load_sae_cached(folder: str | Path, device: torch.device | str = "cpu"):
-    from .sae import load_sae
+    from engine.sae.base import load_sae
 
     path = Path(folder)
     if not path.is_dir():
@@ -202,8 +202,8 @@ def probe_direction(lm, prompts_a: Sequence[str], prompts_b: Sequence[str], laye
 
 def feature_unit(lm, sae_folder: str | Path, feature: int, texts: Sequence[str] | None = None) -> float:
     """The feature's typical max activation: the median over texts of its max over tokens (position 0 skipped)."""
-    from .prompt_sets import CONCEPTS
-    from .sae import check_attachable
+    from engine.data.prompt_sets import CONCEPTS
+    from engine.sae.base import check_attachable
 
     sae = load_sae_cached(sae_folder, lm.device)
     site, layer = check_attachable(sae, lm.anatomy)
@@ -250,7 +250,7 @@ def resolve_positions(positions: Sequence[int] | None, n: int) -> list[int] | No
 
 
 def site_width(anatomy, site: str, layer: int) -> int:
-    from .sae import site_width as width_of
+    from engine.sae.base import site_width as width_of
 
     if site == "attn_heads":
         proj = anatomy.attn_out_proj(layer)
@@ -342,7 +342,7 @@ def _compile_one(lm, spec: Intervention, n_tokens: int) -> CompiledEdit:
     device = lm.device
 
     if spec.op in ("ablate_features", "clamp_feature") or (spec.op == "steer" and "sae" in p):
-        from .sae import check_attachable
+        from engine.sae.base import check_attachable
 
         sae = load_sae_cached(p.get("sae", ""), device)
         check_attachable(sae, anatomy, site, spec.layer)
@@ -890,7 +890,7 @@ def translation_prompt(concept: dict, source_lang: str, target_lang: str, n_shot
     """Few-shot translation prompt in the latent-language format, ending at the open quote of the answer."""
     import random
 
-    from .prompt_sets import CONCEPTS, LANGUAGES
+    from engine.data.prompt_sets import CONCEPTS, LANGUAGES
 
     for code in (source_lang, target_lang):
         if code not in LANGUAGES:
@@ -906,7 +906,7 @@ def translation_prompt(concept: dict, source_lang: str, target_lang: str, n_shot
 
 
 def _concept(name: str) -> dict:
-    from .prompt_sets import CONCEPTS
+    from engine.data.prompt_sets import CONCEPTS
 
     for c in CONCEPTS:
         if c["concept"] == name:

@@ -2,7 +2,7 @@
 
 Each topic lives in its own module with a ``register(subparsers)`` function that adds its
 sub-commands; a sub-command's handler takes the parsed arguments and returns an exit code.
-Bad input (:class:`engine.errors.UserError`) prints one line and exits 2, never a traceback.
+Bad input (:class:`engine.core.errors.UserError`) prints one line and exits 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from .errors import UserError
+from engine.core.errors import UserError
 
 # one module per topic
-COMMAND_MODULES = ["engine.cli_lens", "engine.cli_store", "engine.cli_sae", "engine.cli_tuned_lens",
-                   "engine.cli_dashboards", "engine.cli_interventions"]
+COMMAND_MODULES = ["engine.cli.lens", "engine.cli.store", "engine.cli.sae", "engine.cli.tuned_lens",
+                   "engine.cli.dashboards", "engine.cli.interventions"]
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    from .models import DEFAULT_MODEL
+    from engine.core.models import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"embedded name, Hugging Face id, local folder or .gguf file (default {DEFAULT_MODEL})")
@@ -37,7 +37,7 @@ def say(message: str) -> None:
 
 
 def load_from_args(args):
-    from .models import load_model
+    from engine.core.models import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                       progress=say)

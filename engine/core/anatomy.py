@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import UserError
+from engine.core.errors import UserError
 
 
 class AnatomyError(UserError):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import emit, progress_bar, say
-from .errors import UserError
+from engine.cli.common import emit, progress_bar, say
+from engine.core.errors import UserError
 
 
 class DashboardCliError(UserError):
@@ -14,9 +14,9 @@ class DashboardCliError(UserError):
 def _model_and_store(args):
     """The store to read: ``--store`` as given, or ``--corpus`` captured on the fly (only the SAE's site and
     layer, into the resumable default store folder; a second run reuses or extends it)."""
-    from .models import load_model
-    from .sae import read_config
-    from .store import ActivationStore, build_store, default_store_dir
+    from engine.core.models import load_model
+    from engine.sae.base import read_config
+    from engine.data.store import ActivationStore, build_store, default_store_dir
 
     if bool(args.store) == bool(args.corpus):
         raise DashboardCliError("Give either --store (an activation store) or --corpus (capture one now).")
@@ -26,7 +26,7 @@ def _model_and_store(args):
         lm = load_model(spec, device=args.device, dtype=args.dtype, progress=say)
         store.check_model(lm)
         return lm, store
-    from .corpora import iter_texts
+    from engine.data.corpora import iter_texts
 
     cfg = read_config(args.sae)
     spec = args.model or cfg.model_name
@@ -43,7 +43,7 @@ def _model_and_store(args):
 
 
 def _run(args) -> int:
-    from .dashboards import Dashboard, DashboardConfig, build_dashboards
+    from engine.features.dashboards import Dashboard, DashboardConfig, build_dashboards
 
     lm, store = _model_and_store(args)
     config = DashboardConfig(top_k=args.top_k, n_bins=args.bins, n_intervals=args.intervals,

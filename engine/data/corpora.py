@@ -5,7 +5,7 @@ A corpus *spec* is one string:
 - ``builtin``               an offline English corpus built at run time from the docstrings of the
                             Python standard library (parsed with :mod:`ast`, never imported, never copied
                             into the repository); one text per module, in sorted module order
-- ``builtin-multilingual``  word lists in seven languages from :mod:`engine.prompt_sets`
+- ``builtin-multilingual``  word lists in seven languages from :mod:`engine.data.prompt_sets`
 - ``path/to/file.txt``      one UTF-8 text file (one document)
 - ``path/to/folder``        every ``*.txt`` file below the folder, in sorted order (one document each)
 - ``path/to/file.jsonl``    one JSON object per line with a ``text`` field
@@ -32,9 +32,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import prompt_sets as ps
-from .errors import UserError
-from .fileio import update_digest
+import engine.data.prompt_sets as ps
+from engine.core.errors import UserError
+from engine.core.fileio import update_digest
 
 BUILTIN_VERSION = 1  # bump when the way the built-in corpora are assembled changes
 MIN_MODULE_CHARS = 200

@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli import add_model_args, emit, load_from_args, progress_bar
-from .errors import UserError
+from engine.cli.common import add_model_args, emit, load_from_args, progress_bar
+from engine.core.errors import UserError
 
 
 def _patch_sweep(args) -> int:
-    from .interventions import patch_sweep
+    from engine.interventions.ops import patch_sweep
 
     lm = load_from_args(args)
     with progress_bar("patching") as progress:
@@ -28,7 +28,7 @@ def _patch_sweep(args) -> int:
 
 
 def _intervene(args) -> int:
-    from .interventions import compare_next_token, generate_compare, load_specs
+    from engine.interventions.ops import compare_next_token, generate_compare, load_specs
 
     path = Path(args.spec)
     try:
@@ -53,7 +53,7 @@ def _intervene(args) -> int:
 
 
 def _tongue(args) -> int:
-    from .interventions import tongue_thought
+    from engine.interventions.ops import tongue_thought
 
     lm = load_from_args(args)
     result = tongue_thought(lm, args.concept_a, args.concept_b, args.source_in, args.source_out, args.target_in,

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .capture import capture, pad_batch
-from .errors import UserError
-from .fileio import atomic_write
+from engine.core.capture import capture, pad_batch
+from engine.core.errors import UserError
+from engine.core.fileio import atomic_write
 
 POSITION_MODES = ("last", "all", "mean")
 METHODS = ("pca", "umap")
@@ -79,13 +79,13 @@ def _token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
 
 def prompt_cloud(lm, pset, site: str = "resid_post", positions: str = "last", layers="all",
                  batch_size: int = 64, progress: Progress | None = None) -> PointCloud:
-    """Embed every text of a :class:`~engine.corpora.PromptSet` and pool its tokens per ``positions``.
+    """Embed every text of a :class:`~engine.data.corpora.PromptSet` and pool its tokens per ``positions``.
 
     ``last``: the last token of each text; ``mean``: mean over the text's tokens (special prefix
     such as BOS excluded); ``all``: every token except the special prefix, one point each (labels
     ``token`` and ``position`` are added).
     """
-    from .store import normalize_layers, special_prefix
+    from engine.data.store import normalize_layers, special_prefix
 
     if positions not in POSITION_MODES:
         raise ProjectionError(f"Unknown position mode '{positions}'; choose from {', '.join(POSITION_MODES)}.")

@@ -1,6 +1,6 @@
 """Train TopK (default) or standard L1 sparse autoencoders on cached activations.
 
-The data is either an activation store (``engine.store.ActivationStore`` with a site and a layer,
+The data is either an activation store (``engine.data.store.ActivationStore`` with a site and a layer,
 streamed shard by shard, reshuffled every epoch) or any iterable of ``[batch, d_in]`` tensors.
 
 Recipe (OpenAI's TopK paper and Anthropic's updates, as SAELens trains them):
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .fileio import atomic_save_tensors, atomic_write_json
-from .sae import (SAE, SAEConfig, log_sparsity, save_sae, site_to_hook_name,
+from engine.core.errors import UserError
+from engine.core.fileio import atomic_save_tensors, atomic_write_json
+from engine.sae.base import (SAE, SAEConfig, log_sparsity, save_sae, site_to_hook_name,
                   sparse_decode, unit_norm_rows_)
 
 Progress = Callable[[float, str], None]
@@ -489,7 +489,7 @@ class DemoSettings:
 
 
 def demo_sae_dir(settings: DemoSettings, layer: int) -> Path:
-    from .models import cache_root
+    from engine.core.models import cache_root
 
     name = settings.name or f"demo-{settings.model}-L{layer}-{settings.site}-topk{settings.k}-w{settings.width}"
     return cache_root() / "saes" / name
@@ -502,10 +502,10 @@ def train_demo_sae(settings: DemoSettings | None = None, *, lm=None, progress: P
     Returns ``{"path", "store", "train": {...}, "report": {...} | None}``; the SAE lands in
     ``cache_root()/"saes"/<name>``. Every stage resumes: the store and the training checkpoint are reused.
     """
-    from .corpora import iter_texts
-    from .models import load_model
-    from .sae_eval import evaluate_with_model, held_out_texts, report_to_json
-    from .store import build_store, default_store_dir
+    from engine.data.corpora import iter_texts
+    from engine.core.models import load_model
+    from engine.sae.evaluation import evaluate_with_model, held_out_texts, report_to_json
+    from engine.data.store import build_store, default_store_dir
 
     settings = settings or DemoSettings()
     say = progress or (lambda fraction, message: None)

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .capture import capture, pad_batch
-from .errors import UserError
-from .lens import Transform
-from .prompt_sets import CONCEPTS, LANGUAGES
+from engine.core.capture import capture, pad_batch
+from engine.core.errors import UserError
+from engine.lens.logit import Transform
+from engine.data.prompt_sets import CONCEPTS, LANGUAGES
 
 
 class LatentLanguageError(UserError):

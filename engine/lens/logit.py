@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .anatomy import Anatomy
-from .capture import capture
-from .errors import UserError
+from engine.core.anatomy import Anatomy
+from engine.core.capture import capture
+from engine.core.errors import UserError
 
 # (hidden-state index, resid) -> resid; hidden-state index 0 is the embedding output, i+1 layer i's output
 Transform = Callable[[int, torch.Tensor], torch.Tensor]
@@ -212,7 +212,7 @@ def run_lens(lm, prompt: str | Sequence[int], *, top_k: int = 10, track: Sequenc
              budget_bytes: int = 768 * 2**20) -> LensResult:
     """Run the model once on ``prompt`` and read every layer out through the lens.
 
-    ``lm`` is a :class:`engine.models.LoadedModel` (anything with ``anatomy``, ``tokenizer``,
+    ``lm`` is a :class:`engine.core.models.LoadedModel` (anything with ``anatomy``, ``tokenizer``,
     ``lock``, ``device`` and ``context_length``). ``positions`` restricts the read-out (not the
     forward pass) to some input positions, e.g. the last 64 of a long prompt.
     """
