@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from components.session import progress_to, show_user_error
-from engine.core.capture import SITES
+from engine.core.sites import SITES
 from engine.core.errors import UserError
 
 CORPORA = {"builtin": "built-in English (Python standard library docstrings)",

@@ -7,7 +7,7 @@ import streamlit as st
 from components.concept_plots import geometry_figure, probe_figure, scatter_figure
 from components.session import (cache_key, current_model, get_model_by_key, model_key, selected_customdata,
                                 show_user_error)
-from engine.core.capture import SITES
+from engine.core.sites import SITES
 from engine.data.corpora import PROMPT_SETS, prompt_set
 from engine.core.errors import UserError
 from engine.core.models import cache_root

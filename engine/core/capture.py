@@ -1,13 +1,6 @@
 """Capture any set of sites at any set of layers in ONE forward pass, with forward hooks.
 
-Sites (per decoder layer ``i``):
-
-- ``resid_pre``  residual stream entering layer i (``resid_pre`` of layer 0 is the embedding output)
-- ``resid_mid``  ``resid_pre + attn_out`` (for parallel-residual models this is a partial sum)
-- ``resid_post`` residual stream leaving layer i (pre final norm, also for the last layer)
-- ``attn_out``   what the attention branch adds to the residual
-- ``mlp_out``    what the MLP branch adds to the residual
-- ``mlp_hidden`` the MLP's hidden activation (input of its output projection)
+Sites are defined once, in :mod:`engine.core.sites`.
 
 Hooks are always removed, also when the forward pass raises. With ``stop_early`` the pass stops
 right after the last layer it needs, skipping the remaining layers and the unembedding (for a
@@ -21,14 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from engine.core.anatomy import Anatomy
-from engine.core.errors import UserError
-
-SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_hidden")
-
-
-class CaptureError(UserError):
-    pass
-
+from engine.core.sites import normalize_sites, read_hook
 
 class _Stop(Exception):
     """Raised inside a hook once everything wanted is captured."""
@@ -48,32 +34,6 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
     return ids, mask
 
 
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _hidden_arg(args, kwargs):
-    if args:
-        return args[0]
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"]
-    return next(iter(kwargs.values()))
-
-
-def normalize_sites(sites: Mapping[str, Iterable[int] | str], n_layers: int) -> dict[str, list[int]]:
-    """``{"resid_post": "all"}`` or ``{"attn_out": [3, 4]}`` -> validated ``{site: sorted layers}``."""
-    out: dict[str, list[int]] = {}
-    for site, layers in sites.items():
-        if site not in SITES:
-            raise CaptureError(f"unknown site '{site}'; choose from {', '.join(SITES)}")
-        chosen = list(range(n_layers)) if layers == "all" else sorted({int(i) for i in layers})
-        bad = [i for i in chosen if not 0 <= i < n_layers]
-        if bad:
-            raise CaptureError(f"layer {bad[0]} does not exist: this model has layers 0..{n_layers - 1}")
-        out[site] = chosen
-    return out
-
-
 @contextmanager
 def hooked(anatomy: Anatomy, sites: Mapping[str, list[int]], sink: dict, stop_early: bool = True):
     """Install capture hooks; captured tensors land in ``sink[(site, layer)]`` (detached)."""
@@ -81,39 +41,20 @@ def hooked(anatomy: Anatomy, sites: Mapping[str, list[int]], sink: dict, stop_ea
     if "resid_mid" in wanted:
         for site in ("resid_pre", "attn_out"):
             wanted[site] = sorted(set(wanted.get(site, [])) | set(wanted["resid_mid"]))
+        del wanted["resid_mid"]
     last_needed = max((max(ls) for ls in wanted.values() if ls), default=-1)
     handles = []
 
-    def save_input(key):
-        def hook(module, args, kwargs):
-            sink[key] = _hidden_arg(args, kwargs).detach()
-        return hook
-
-    def save_input_plain(key):
-        def hook(module, args):
-            sink[key] = args[0].detach()
-        return hook
+    def saver(key):
+        return lambda hidden: sink.__setitem__(key, hidden.detach())
 
     def stopper(module, args, output):
         raise _Stop
 
-    def save_output(key):
-        def hook(module, args, output):
-            sink[key] = _first(output).detach()
-        return hook
-
-    output_of = {"resid_post": lambda i: anatomy.layers[i], "attn_out": anatomy.attn_branch,
-                 "mlp_out": anatomy.mlp_branch}
     try:
         for site, layers in wanted.items():
             for i in layers:
-                key = (site, i)
-                if site == "resid_pre":
-                    handles.append(anatomy.layers[i].register_forward_pre_hook(save_input(key), with_kwargs=True))
-                elif site == "mlp_hidden":
-                    handles.append(anatomy.mlp_out_proj(i).register_forward_pre_hook(save_input_plain(key)))
-                elif site in output_of:
-                    handles.append(output_of[site](i).register_forward_hook(save_output(key)))
+                handles.append(read_hook(anatomy, site, i, saver((site, i))))
         if stop_early and last_needed >= 0:
             handles.append(anatomy.layers[last_needed].register_forward_hook(stopper))
         yield

@@ -45,7 +45,8 @@ from torch import nn
 
 from engine.core.anatomy import Anatomy
 from engine.core.capture import _Stop as StopForward
-from engine.core.capture import hooked, normalize_sites, pad_batch, run_forward
+from engine.core.capture import hooked, pad_batch, run_forward
+from engine.core.sites import normalize_sites
 from engine.core.errors import UserError
 from engine.core.fileio import atomic_write
 

@@ -20,7 +20,7 @@ def test_lens_selector_and_comparison(monkeypatch, tmp_path):
             param.normal_(0, 0.5)
     lens.save(default_lens_dir(lm.name))
 
-    at = AppTest.from_file("../app.py", default_timeout=120)
+    at = AppTest.from_file("../../app.py", default_timeout=120)
     at.run()
     assert not at.exception
     radio = at.radio(key="lens_kind")

@@ -6,7 +6,7 @@ import json
 import pytest
 from streamlit.testing.v1 import AppTest
 
-APP = "../app.py"
+APP = "../../app.py"
 
 
 @pytest.fixture

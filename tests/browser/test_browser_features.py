@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.browser]
 
 def test_feature_page_by_link(tmp_path, monkeypatch):
     require_browser()
-    from test_features_page import build_feature_fixture
+    from tests.app.test_features_page import build_feature_fixture
 
     from engine.features.dashboards import Dashboard
 

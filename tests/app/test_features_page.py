@@ -8,7 +8,7 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-APP = "../app.py"
+APP = "../../app.py"
 TEXTS = [f"Note {i}: the quick brown fox jumps over the lazy dog while {i * 3} cats watch." for i in range(24)]
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 from streamlit.testing.v1 import AppTest
 
-APP = "../app.py"
+APP = "../../app.py"
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,7 @@ def test_interventions_page_views_and_bad_input():
 
 def test_mean_ablation_uses_the_dashboards_corpus_means(tmp_path):
     """With dashboards of the chosen SAE built, 'mean' ablation takes each feature's corpus mean."""
-    from test_dashboards import TEXTS, make_sae
+    from tests.engine.features.test_dashboards import TEXTS, make_sae
 
     from engine.features.dashboards import DashboardConfig, build_dashboards, corpus_means
     from engine.core.models import load_model

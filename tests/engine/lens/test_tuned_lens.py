@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny
+from engine.core.tiny import build_tiny
 from engine.lens.logit import run_lens
 from engine.core.models import from_model
 from engine.lens.tuned import (
