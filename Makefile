@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PORT ?= 8501
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench clean-cache demo-sae demo-lens
+.PHONY: install lint run test test-fast bench clean-cache demo-sae demo-lens
 
 $(STAMP): requirements.txt requirements-dev.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ install: $(STAMP)
 run: install
 	$(PY) app.py --server.port $(PORT) --server.headless true --server.fileWatcherType none
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint
 	$(PY) -m pytest -q
 
 test-fast: install

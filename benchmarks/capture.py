@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.data.corpora import iter_texts  # noqa: E402
 from engine.core.models import load_model  # noqa: E402
+from engine.data.corpora import iter_texts  # noqa: E402
 from engine.data.store import build_store, iter_windows  # noqa: E402
 
 

@@ -21,12 +21,11 @@ import argparse
 import math
 import time
 
+import torch
 from common import sync  # noqa: F401  (also puts the repo root on sys.path)
 
-import torch
-
-from engine.features.dashboards import FeatureAccumulator
 from engine.core.models import cache_root
+from engine.features.dashboards import FeatureAccumulator
 
 
 def demo_batches(store, site, layer, batch_size):
@@ -120,9 +119,9 @@ def main() -> None:
         batches = lambda: synthetic_batches(args.synthetic_tokens, args.d_in, args.batch_size, device)  # noqa: E731
         what = f"random top-k SAE {args.width:,} wide over {args.synthetic_tokens:,} random tokens"
     else:
+        from engine.data.store import ActivationStore, list_stores
         from engine.features.dashboards import check_sae_store
         from engine.sae.base import load_sae
-        from engine.data.store import ActivationStore, list_stores
 
         sae = load_sae(args.sae).to(device)
         store_path = args.store

@@ -13,8 +13,8 @@ import argparse
 import torch
 from common import devices, english_text, timed
 
-from engine.lens.logit import run_lens
 from engine.core.models import load_model
+from engine.lens.logit import run_lens
 
 
 def main() -> None:
@@ -45,7 +45,6 @@ def main() -> None:
         full = timed(full_lens, device, args.repeats)
         window = timed(window_lens, device, args.repeats)
         print(f"{device:>6} {plain:>10.3f} {full:>11.3f} {full / plain:>6.2f} {window:>15.3f} {window / plain:>6.2f}")
-        del lm
 
 
 if __name__ == "__main__":

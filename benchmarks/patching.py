@@ -13,8 +13,8 @@ import argparse
 import torch
 from common import devices, english_text, timed
 
-from engine.interventions.ops import patch_sweep
 from engine.core.models import load_model
+from engine.interventions.ops import patch_sweep
 
 
 def main() -> None:

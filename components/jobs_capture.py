@@ -12,8 +12,8 @@ import pandas as pd
 import streamlit as st
 
 from components.session import progress_to, show_user_error
-from engine.core.sites import SITES
 from engine.core.errors import UserError
+from engine.core.sites import SITES
 
 CORPORA = {"builtin": "built-in English (Python standard library docstrings)",
            "builtin-multilingual": "built-in multilingual word lists (7 languages)",

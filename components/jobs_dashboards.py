@@ -11,9 +11,9 @@ from engine.core.errors import UserError
 
 def render_dashboards_section(lm) -> None:
     """Pick an SAE and a store of the current model, then build every feature's dashboard with progress."""
+    from engine.data.store import list_stores
     from engine.features.dashboards import DashboardConfig, build_dashboards, list_dashboards
     from engine.sae.base import list_saes
-    from engine.data.store import list_stores
 
     st.subheader("Feature dashboards")
     st.caption("One pass over a store encodes every token with the SAE and keeps, for all features at once, "

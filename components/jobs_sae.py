@@ -125,9 +125,9 @@ def _store_label(entry: dict) -> str:
 
 
 def _train_from_store(entry: dict, site: str, layer: int, settings: dict, out: Path, view: _LiveView) -> dict:
+    from engine.data.store import ActivationStore
     from engine.sae.evaluation import evaluate_on_store, report_to_json
     from engine.sae.training import TrainConfig, train_sae
-    from engine.data.store import ActivationStore
 
     store = ActivationStore.open(entry["path"])
     config = TrainConfig(**settings)

@@ -5,15 +5,30 @@ import pandas as pd
 import streamlit as st
 
 from components.concept_plots import geometry_figure, probe_figure, scatter_figure
-from components.session import (cache_key, current_model, get_model_by_key, model_key, selected_customdata,
-                                show_user_error)
-from engine.core.sites import SITES
-from engine.data.corpora import PROMPT_SETS, prompt_set
+from components.session import (
+    cache_key,
+    current_model,
+    get_model_by_key,
+    model_key,
+    selected_customdata,
+    show_user_error,
+)
 from engine.core.errors import UserError
 from engine.core.models import cache_root
-from engine.geometry.projections import (POSITION_MODES, geometry_by_layer, probe_by_layer, procrustes_align, project,
-                                prompt_cloud, store_cloud, umap_ready, warm_up_umap)
+from engine.core.sites import SITES
+from engine.data.corpora import PROMPT_SETS, prompt_set
 from engine.data.store import ActivationStore, list_stores
+from engine.geometry.projections import (
+    POSITION_MODES,
+    geometry_by_layer,
+    probe_by_layer,
+    procrustes_align,
+    project,
+    prompt_cloud,
+    store_cloud,
+    umap_ready,
+    warm_up_umap,
+)
 
 POSITION_NAMES = {"last": "last token of each prompt", "all": "every token", "mean": "mean over tokens"}
 

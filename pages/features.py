@@ -11,12 +11,17 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from components.feature_views import (density_text, feature_map_figure, highlight_tokens_html, histogram_figure,
-                                      logit_table)
+from components.feature_views import (
+    density_text,
+    feature_map_figure,
+    highlight_tokens_html,
+    histogram_figure,
+    logit_table,
+)
 from components.lens_plots import show_token
 from components.session import cache_key, current_model, selected_customdata, show_user_error
-from engine.features.dashboards import DENSE_DENSITY, Dashboard, list_dashboards, text_activations
 from engine.core.errors import UserError
+from engine.features.dashboards import DENSE_DENSITY, Dashboard, list_dashboards, text_activations
 
 SORTS = {"density": "density", "max activation": "max_act", "mean activation": "mean_act", "feature id": "feature",
          "top logit token": "top_logits"}

@@ -7,13 +7,19 @@ import json
 import pandas as pd
 import streamlit as st
 
-from components.intervention_plots import (DELTA_METRICS, delta_lens_heatmap, dose_response_figure,
-                                           generation_diff_html, sweep_heatmap, tongue_thought_figure)
-from components.session import cache_key, current_model, get_model_by_key, model_key, show_user_error
 import engine.interventions.ops as iv
-from engine.features.dashboards import corpus_means, find_dashboard
+from components.intervention_plots import (
+    DELTA_METRICS,
+    delta_lens_heatmap,
+    dose_response_figure,
+    generation_diff_html,
+    sweep_heatmap,
+    tongue_thought_figure,
+)
+from components.session import cache_key, current_model, get_model_by_key, model_key, show_user_error
 from engine.core.errors import UserError
 from engine.data.prompt_sets import CONCEPTS, LANGUAGES
+from engine.features.dashboards import corpus_means, find_dashboard
 from engine.sae.base import list_saes
 
 OPS = {"steer": "Steer (add α × direction)", "ablate_features": "Ablate SAE features",

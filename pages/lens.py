@@ -7,13 +7,20 @@ import pandas as pd
 import streamlit as st
 
 from components.lens_plots import METRICS, latent_language_figure, lens_heatmap, topk_table, tracked_lines
-from components.session import (cache_key, current_model, get_model_by_key, model_key, progress_to,
-                                selected_customdata, show_user_error)
+from components.session import (
+    cache_key,
+    current_model,
+    get_model_by_key,
+    model_key,
+    progress_to,
+    selected_customdata,
+    show_user_error,
+)
 from components.tuned_lens_ui import DISAGREEMENT, comparison_figure, disagreement_heatmap, summary_line
 from engine.core.errors import UserError
+from engine.data.prompt_sets import LANGUAGES
 from engine.lens.latent_language import run_latent_language
 from engine.lens.logit import check_prompt, run_lens
-from engine.data.prompt_sets import LANGUAGES
 from engine.lens.tuned import TunedLens, compare_lenses, list_lenses
 
 DEFAULT_PROMPT = "The capital of France is"

@@ -15,8 +15,8 @@ def _model_and_store(args):
     """The store to read: ``--store`` as given, or ``--corpus`` captured on the fly (only the SAE's site and
     layer, into the resumable default store folder; a second run reuses or extends it)."""
     from engine.core.models import load_model
-    from engine.sae.base import read_config
     from engine.data.store import ActivationStore, build_store, default_store_dir
+    from engine.sae.base import read_config
 
     if bool(args.store) == bool(args.corpus):
         raise DashboardCliError("Give either --store (an activation store) or --corpus (capture one now).")

@@ -16,6 +16,7 @@ import torch
 from engine.core.anatomy import Anatomy
 from engine.core.sites import normalize_sites, read_hook
 
+
 class _Stop(Exception):
     """Raised inside a hook once everything wanted is captured."""
 

@@ -38,9 +38,9 @@ import torch
 
 from engine import __version__
 from engine.core.capture import capture, pad_batch
-from engine.core.sites import SITES, normalize_sites
 from engine.core.errors import UserError
 from engine.core.fileio import atomic_write_json, sha256_file, temp_path
+from engine.core.sites import SITES, normalize_sites
 
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"

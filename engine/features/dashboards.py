@@ -465,8 +465,8 @@ def build_dashboards(sae_dir: str | Path, store_dir: str | Path, lm, out: str | 
     ``lm`` is the store's model (for the unembedding, final norm and token strings).
     """
     from engine.core.models import pick_device
-    from engine.sae.base import load_sae
     from engine.data.store import ActivationStore
+    from engine.sae.base import load_sae
 
     config = config or DashboardConfig()
     config.check()

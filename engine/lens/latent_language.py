@@ -19,8 +19,8 @@ import torch
 
 from engine.core.capture import capture, pad_batch
 from engine.core.errors import UserError
-from engine.lens.logit import Transform
 from engine.data.prompt_sets import CONCEPTS, LANGUAGES
+from engine.lens.logit import Transform
 
 
 class LatentLanguageError(UserError):

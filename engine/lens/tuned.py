@@ -46,9 +46,9 @@ from torch import nn
 from engine.core.anatomy import Anatomy
 from engine.core.capture import _Stop as StopForward
 from engine.core.capture import hooked, pad_batch, run_forward
-from engine.core.sites import normalize_sites
 from engine.core.errors import UserError
 from engine.core.fileio import atomic_write
+from engine.core.sites import normalize_sites
 
 Progress = Callable[[float, str], None]
 Texts = str | Sequence[str] | Callable[[], Iterable[str]]

@@ -31,8 +31,7 @@ import torch
 
 from engine.core.errors import UserError
 from engine.core.fileio import atomic_save_tensors, atomic_write_json
-from engine.sae.base import (SAE, SAEConfig, log_sparsity, save_sae, site_to_hook_name,
-                  sparse_decode, unit_norm_rows_)
+from engine.sae.base import SAE, SAEConfig, log_sparsity, save_sae, site_to_hook_name, sparse_decode, unit_norm_rows_
 
 Progress = Callable[[float, str], None]
 CHECKPOINT_DIR = "checkpoint"
@@ -502,10 +501,10 @@ def train_demo_sae(settings: DemoSettings | None = None, *, lm=None, progress: P
     Returns ``{"path", "store", "train": {...}, "report": {...} | None}``; the SAE lands in
     ``cache_root()/"saes"/<name>``. Every stage resumes: the store and the training checkpoint are reused.
     """
-    from engine.data.corpora import iter_texts
     from engine.core.models import load_model
-    from engine.sae.evaluation import evaluate_with_model, held_out_texts, report_to_json
+    from engine.data.corpora import iter_texts
     from engine.data.store import build_store, default_store_dir
+    from engine.sae.evaluation import evaluate_with_model, held_out_texts, report_to_json
 
     settings = settings or DemoSettings()
     say = progress or (lambda fraction, message: None)

@@ -71,8 +71,8 @@ def test_concepts_page_projects_a_prompt_set(monkeypatch):
 
 def test_concepts_page_refuses_a_store_of_another_model(tmp_path):
     from engine.core.models import from_model
-    from engine.data.store import activations_root, build_store
     from engine.core.tiny import build_tiny, make_tokenizer
+    from engine.data.store import activations_root, build_store
 
     model, tokenizer = build_tiny("llama", make_tokenizer(), seed=1)
     other = from_model(model, tokenizer, name="some-other-model", check=False)

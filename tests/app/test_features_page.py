@@ -14,11 +14,11 @@ TEXTS = [f"Note {i}: the quick brown fox jumps over the lazy dog while {i * 3} c
 
 def build_feature_fixture(cache: Path, d_sae: int = 256) -> tuple[Path, Path]:
     """Store + SAE + dashboard for the model the app builds for ``tiny:llama``, under ``cache``."""
-    from engine.features.dashboards import DashboardConfig, build_dashboards
     from engine.core.models import from_model
-    from engine.sae.base import SAE, SAEConfig, save_sae
-    from engine.data.store import build_store
     from engine.core.tiny import build_tiny
+    from engine.data.store import build_store
+    from engine.features.dashboards import DashboardConfig, build_dashboards
+    from engine.sae.base import SAE, SAEConfig, save_sae
 
     model, tok = build_tiny("llama")
     lm = from_model(model, tok, name="tiny:llama")  # same name -> same weights hash as the app's tiny:llama

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from browser_util import OUTPUT, browser_page, require_browser, streamlit_server, wait_idle
 
 pytestmark = [pytest.mark.browser]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from browser_util import OUTPUT, browser_page, require_browser, streamlit_server, wait_idle
 
 pytestmark = [pytest.mark.browser]
@@ -10,9 +9,8 @@ pytestmark = [pytest.mark.browser]
 
 def test_feature_page_by_link(tmp_path, monkeypatch):
     require_browser()
-    from tests.app.test_features_page import build_feature_fixture
-
     from engine.features.dashboards import Dashboard
+    from tests.app.test_features_page import build_feature_fixture
 
     cache = tmp_path / "cache"
     _, out = build_feature_fixture(cache)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine.cli.common import main
-from engine.lens.logit import run_lens
 from engine.core.models import ModelLoadError, _is_complete, load_model, resolve
+from engine.lens.logit import run_lens
 
 
 @pytest.mark.parametrize("spec, message", [

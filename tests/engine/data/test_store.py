@@ -6,8 +6,15 @@ import json
 import pytest
 import torch
 
-from engine.data.store import (ActivationStore, StoreError, build_store, delete_store, iter_windows, list_stores,
-                          special_prefix)
+from engine.data.store import (
+    ActivationStore,
+    StoreError,
+    build_store,
+    delete_store,
+    iter_windows,
+    list_stores,
+    special_prefix,
+)
 
 TEXTS = ["The cat sat on the mat.", "A much longer document that spans more than one context window for sure, "
          "because it keeps going and going.", "ok", "Zwei Wörter und ein Satz mit Umlauten: äöü."]

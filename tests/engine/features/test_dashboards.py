@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from engine.features.dashboards import (Dashboard, DashboardConfig, DashboardError, FeatureAccumulator, build_dashboards,
-                               ceil_log2, decoder_neighbours, list_dashboards, text_activations)
 from engine.core.errors import UserError
-from engine.sae.base import SAE, SAEConfig, save_sae
 from engine.data.store import build_store
+from engine.features.dashboards import (
+    Dashboard,
+    DashboardConfig,
+    DashboardError,
+    FeatureAccumulator,
+    build_dashboards,
+    ceil_log2,
+    decoder_neighbours,
+    list_dashboards,
+    text_activations,
+)
+from engine.sae.base import SAE, SAEConfig, save_sae
 
 D_SAE = 48
 TEXTS = [f"Document {i}: the quick brown fox jumps over the lazy dog, then {i * 7} cats sat on mats."

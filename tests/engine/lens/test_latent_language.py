@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engine.core.models import from_model
+from engine.core.tiny import build_tiny, make_tokenizer
+from engine.data.prompt_sets import CONCEPTS, LANGUAGES, validate
 from engine.lens.latent_language import LatentLanguageError, build_items, run_latent_language
 from engine.lens.logit import run_lens
-from engine.core.models import from_model
-from engine.data.prompt_sets import CONCEPTS, LANGUAGES, validate
-from engine.core.tiny import build_tiny, make_tokenizer
 
 SINGLE = [c["zh"] for c in CONCEPTS[:12]]  # these Chinese words become single tokens
 

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.core.tiny import build_tiny
 from engine.core.anatomy import AnatomyError, find_anatomy
 from engine.core.capture import capture
-from engine.core.sites import SiteError as CaptureError
-from engine.lens.logit import PromptError, check_prompt, lens_stats, run_lens
 from engine.core.models import from_model
+from engine.core.sites import SiteError as CaptureError
+from engine.core.tiny import build_tiny
+from engine.lens.logit import PromptError, check_prompt, lens_stats, run_lens
 
 PROMPT = "The capital of France is"
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from engine.core.models import from_model
 from engine.core.tiny import build_tiny
 from engine.lens.logit import run_lens
-from engine.core.models import from_model
 from engine.lens.tuned import (
     CONFIG_FILE,
     PARAMS_FILE,

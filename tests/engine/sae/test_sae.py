@@ -6,8 +6,18 @@ import json
 import pytest
 import torch
 
-from engine.sae.base import (SAE, SAECompatibilityError, SAEConfig, SAELoadError, check_attachable, hook_name_to_site,
-                        load_sae, load_sparsity, save_sae, site_to_hook_name)
+from engine.sae.base import (
+    SAE,
+    SAECompatibilityError,
+    SAEConfig,
+    SAELoadError,
+    check_attachable,
+    hook_name_to_site,
+    load_sae,
+    load_sparsity,
+    save_sae,
+    site_to_hook_name,
+)
 
 D_IN, D_SAE = 8, 16
 
@@ -282,8 +292,8 @@ def test_attach_checks_width_and_layer(tiny_llama, tmp_path):
 def test_replace_site_edits_the_right_activation_and_removes_hooks(arch, tokenizer):
     from engine.core.capture import capture
     from engine.core.models import from_model
-    from engine.sae.evaluation import replace_site
     from engine.core.tiny import build_tiny
+    from engine.sae.evaluation import replace_site
 
     tiny_lm = from_model(*build_tiny(arch, tokenizer), name=f"tiny-{arch}", check=False)
     anatomy = tiny_lm.anatomy
