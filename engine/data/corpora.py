@@ -15,6 +15,12 @@ A corpus *spec* is one string:
 Every source yields the same texts in the same order on every run, so a capture that is
 interrupted can skip what it already stored. :func:`corpus_hash` identifies the content.
 
+Paths are read through :mod:`engine.core.paths`: resolved first, kept under the data roots when
+``enforce_roots`` is true (the UI always passes True; the CLI default follows ``LATENT_EXPLORER_DATA``),
+stat-ed before they are opened so that only regular files are read (never ``/dev/zero``, pipes or
+sockets), each within the size limits, and folders are walked with a bound on entries and files.
+:func:`check_corpus` says what a spec takes and what it skipped without reading any text.
+
 :func:`prompt_set` builds the small labelled sets of the concept view (multilingual concepts,
 days, months, numbers, countries and capitals).
 """
@@ -23,8 +29,11 @@ from __future__ import annotations
 import ast
 import hashlib
 import inspect
+import itertools
 import json
+import logging
 import os
+import stat
 import sys
 import sysconfig
 import unicodedata
@@ -32,9 +41,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import engine.core.paths as paths
 import engine.data.prompt_sets as ps
 from engine.core.errors import UserError
-from engine.core.fileio import update_digest
+from engine.core.fileio import BLOCK
+
+log = logging.getLogger(__name__)
 
 BUILTIN_VERSION = 1  # bump when the way the built-in corpora are assembled changes
 MIN_MODULE_CHARS = 200
@@ -99,8 +111,12 @@ BUILTIN = {"builtin": _builtin_texts, "builtin-multilingual": _multilingual_text
 
 
 # --- files --------------------------------------------------------------------------------
-def _read_text_file(path: Path) -> str:
-    data = path.read_bytes()
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+FOLDER_SUFFIXES = (".txt",)
+FILE_ENV, TOTAL_ENV = "LATENT_EXPLORER_MAX_FILE_BYTES", "LATENT_EXPLORER_MAX_TOTAL_BYTES"
+
+
+def _decode_text(data: bytes, path: Path) -> str:
     if b"\x00" in data[:65536]:
         raise CorpusError(f"'{path}' is not a text file (it contains NUL bytes); give a UTF-8 .txt file.")
     try:
@@ -114,16 +130,45 @@ def _read_text_file(path: Path) -> str:
     return text
 
 
-def _folder_files(folder: Path) -> list[Path]:
-    files = sorted((p for p in folder.rglob("*.txt") if p.is_file()), key=lambda p: p.relative_to(folder).as_posix())
+def _read_text_file(path: Path) -> str:
+    """One document: a regular file (checked with stat before it is opened) of at most MAX_FILE_BYTES."""
+    try:
+        data = paths.read_bytes_limited(path, paths.MAX_FILE_BYTES, what="corpus file")
+    except paths.PathNotAllowed as exc:
+        raise CorpusError(str(exc)) from exc
+    return _decode_text(data, path)
+
+
+def _folder_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """The .txt files below a folder (bounded walk) and notes on what was skipped; none at all is an error."""
+    files, notes = paths.walk_files(folder, max_files=paths.MAX_FILES, suffixes=FOLDER_SUFFIXES)
     if not files:
-        raise CorpusError(f"The folder '{folder}' holds no .txt files; add some or point to a file instead.")
-    return files
+        skipped = f" that can be read (skipped: {paths.describe_skipped(notes)})" if notes else ""
+        raise CorpusError(f"The folder '{folder}' holds no .txt files{skipped}; add some or point to a file "
+                          "instead.")
+    if notes:
+        log.warning("corpus folder %s: skipped %d: %s", folder, len(notes), paths.describe_skipped(notes))
+    return files, notes
 
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+    """Stream a JSON-lines file (at most MAX_TOTAL_BYTES in all, MAX_FILE_BYTES per line)."""
+    try:
+        paths.check_regular_file(path, paths.MAX_TOTAL_BYTES, what="corpus file", limit_env=TOTAL_ENV)
+        handle = paths.open_regular(path, what="corpus file")
+    except paths.PathNotAllowed as exc:
+        raise CorpusError(str(exc)) from exc
+    line_cap, budget = paths.MAX_FILE_BYTES, paths.MAX_TOTAL_BYTES
+    with handle:
+        for number in itertools.count(1):
+            raw = handle.readline(line_cap + 1)
+            if not raw:
+                return
+            budget -= len(raw)
+            if len(raw) > line_cap or budget < 0:
+                what = "is longer than" if len(raw) > line_cap else "goes past the corpus limit of"
+                limit = line_cap if len(raw) > line_cap else paths.MAX_TOTAL_BYTES
+                raise CorpusError(f"Line {number} of '{path}' {what} {paths.human_bytes(limit)}; split the file.")
             if not raw.strip():
                 continue
             try:
@@ -189,53 +234,137 @@ def _hf_texts(name: str) -> Iterator[str]:
 
 
 # --- public API ---------------------------------------------------------------------------
-def _resolve_path(spec: str) -> Path:
-    path = Path(spec).expanduser()
-    if not path.exists():
+@dataclass
+class CorpusCheck:
+    """What a corpus spec points at, found without reading any text (see :func:`check_corpus`)."""
+
+    spec: str
+    kind: str  # "builtin" | "hf" | "file" | "jsonl" | "folder"
+    path: Path | None = None
+    files: list[Path] = field(default_factory=list)
+    total_bytes: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def note(self) -> str:
+        """One sentence about skipped files and limits reached ("" when nothing was skipped)."""
+        if not self.skipped:
+            return ""
+        return (f"Skipped in '{self.spec}' ({len(self.skipped)}): {paths.describe_skipped(self.skipped)}; "
+                f"read {len(self.files):,} files ({paths.human_bytes(self.total_bytes)}).")
+
+
+def _enforce(enforce_roots: bool | None) -> bool:
+    return paths.roots_enforced(ui=False) if enforce_roots is None else bool(enforce_roots)
+
+
+def _local(spec: str, enforce_roots: bool) -> CorpusCheck:
+    """Resolve a path spec (roots checked first, before anything is stat-ed), then stat it: a folder, a
+    regular .txt/.jsonl file, or one clear error."""
+    try:
+        path = paths.safe_path(spec, enforce_roots=enforce_roots, what="corpus")
+        info = os.stat(path)
+    except FileNotFoundError as exc:
         raise CorpusError(f"The corpus '{spec}' is neither 'builtin', 'builtin-multilingual', 'hf:<dataset>' nor an "
-                          "existing file or folder.")
-    if path.is_file() and path.suffix.lower() not in (".txt", ".jsonl", ".text", ".md"):
+                          "existing file or folder.") from exc
+    except OSError as exc:
+        raise CorpusError(f"The corpus '{spec}' cannot be read ({type(exc).__name__}).") from exc
+    except paths.PathNotAllowed as exc:
+        raise CorpusError(str(exc)) from exc
+    if stat.S_ISDIR(info.st_mode):
+        files, notes = _folder_files(path)
+        return CorpusCheck(spec, "folder", path, files, sum(f.stat().st_size for f in files), notes)
+    suffix = path.suffix.lower()
+    if stat.S_ISREG(info.st_mode) and suffix not in (*TEXT_SUFFIXES, ".jsonl"):
         raise CorpusError(f"'{spec}' is not a .txt or .jsonl file; give plain text, JSON lines or a folder.")
-    return path
+    kind = "jsonl" if suffix == ".jsonl" else "file"
+    limit, env = (paths.MAX_TOTAL_BYTES, TOTAL_ENV) if kind == "jsonl" else (paths.MAX_FILE_BYTES, FILE_ENV)
+    try:
+        size = paths.check_regular_file(path, limit, what="corpus", limit_env=env)
+    except paths.PathNotAllowed as exc:
+        raise CorpusError(str(exc)) from exc
+    return CorpusCheck(spec, kind, path, [path], size)
 
 
-def iter_texts(spec: str) -> Iterator[str]:
-    """Yield the documents of a corpus, deterministically (see the module docstring for specs).
+def check_corpus(spec: str, *, enforce_roots: bool | None = None) -> CorpusCheck:
+    """Check a spec without reading its text: what it is, which files it takes and what it skipped.
 
-    The spec is checked before the first text is produced, so a bad spec fails at once.
+    ``enforce_roots``: keep paths under :func:`engine.core.paths.data_roots` (the UI passes True; the default
+    follows :func:`engine.core.paths.roots_enforced` for the CLI). Bad specs raise :class:`CorpusError`.
     """
     spec = (spec or "").strip()
     if not spec:
         raise CorpusError("No corpus was given: use 'builtin', a text file, a folder, a .jsonl file or 'hf:<name>'.")
     if spec in BUILTIN:
-        return BUILTIN[spec]()
+        return CorpusCheck(spec, "builtin")
     if spec.startswith("hf:"):
         name = spec[3:].strip()
         if not name:
             raise CorpusError("'hf:' needs a dataset name, for example 'hf:roneneldan/TinyStories'.")
+        return CorpusCheck(spec, "hf")
+    return _local(spec, _enforce(enforce_roots))
+
+
+def _non_empty(texts: Iterator[str], spec: str, notes: list[str]) -> Iterator[str]:
+    """Pass texts on; a corpus that ends without one text is an error (with what was skipped)."""
+    produced = False
+    for text in texts:
+        produced = True
+        yield text
+    if not produced:
+        skipped = f" (skipped: {paths.describe_skipped(notes)})" if notes else ""
+        raise CorpusError(f"The corpus '{spec}' holds no text{skipped}; give files with some text in them.")
+
+
+def _folder_texts(files: list[Path]) -> Iterator[str]:
+    for file in files:
+        text = _read_text_file(file)
+        if text.strip():
+            yield text
+
+
+def iter_texts(spec: str, *, enforce_roots: bool | None = None, notes: list[str] | None = None) -> Iterator[str]:
+    """Yield the documents of a corpus, deterministically (see the module docstring for specs).
+
+    The spec is checked before the first text is produced, so a bad spec fails at once. Paths are read
+    only as regular files within the limits of :mod:`engine.core.paths`; ``enforce_roots`` keeps them under
+    the data roots (default: :func:`engine.core.paths.roots_enforced` for the CLI; the UI passes True).
+    Files skipped in a folder are appended to ``notes`` when a list is given.
+    """
+    check = check_corpus(spec, enforce_roots=enforce_roots)
+    if notes is not None:
+        notes.extend(check.skipped)
+    if check.kind == "builtin":
+        return BUILTIN[check.spec]()
+    if check.kind == "hf":
+        name = check.spec[3:].strip()
         _hf_files(name)  # fail early with a clear message when the hub is unreachable
-        return _hf_texts(name)
-    path = _resolve_path(spec)
-    if path.is_dir():
-        files = _folder_files(path)
-        return (text for file in files if (text := _read_text_file(file)).strip())
-    if path.suffix.lower() == ".jsonl":
-        return _jsonl_texts(path)
-    text = _read_text_file(path)
+        return _non_empty(_hf_texts(name), check.spec, [])
+    if check.kind == "folder":
+        return _non_empty(_folder_texts(check.files), check.spec, check.skipped)
+    if check.kind == "jsonl":
+        return _non_empty(_jsonl_texts(check.path), check.spec, [])
+    text = _read_text_file(check.path)
     if not text.strip():
-        raise CorpusError(f"The file '{spec}' is empty; give a file with some text.")
+        raise CorpusError(f"The file '{check.spec}' is empty; give a file with some text.")
     return iter([text])
 
 
-def _hash_files(files: list[Path], root: Path) -> str:
+def _hash_files(files: list[Path], root: Path, max_bytes: int) -> str:
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.relative_to(root).as_posix().encode() if file != root else b"")
-        update_digest(digest, file)
+        paths.check_regular_file(file, max_bytes, what="corpus file")
+        with paths.open_regular(file, what="corpus file") as handle:
+            remaining = max_bytes
+            while remaining >= 0 and (block := handle.read(min(BLOCK, remaining + 1))):
+                digest.update(block)
+                remaining -= len(block)
+            if remaining < 0:
+                raise CorpusError(f"'{file}' grew past {paths.human_bytes(max_bytes)} while it was hashed.")
     return digest.hexdigest()
 
 
-def corpus_hash(spec: str) -> str:
+def corpus_hash(spec: str, *, enforce_roots: bool | None = None) -> str:
     """A content hash of a corpus: file bytes for files, code and Python version for built-ins."""
     spec = (spec or "").strip()
     if spec in BUILTIN:
@@ -246,9 +375,14 @@ def corpus_hash(spec: str) -> str:
         return hashlib.sha256(ident.encode()).hexdigest()
     if spec.startswith("hf:"):
         return hashlib.sha256(spec.encode()).hexdigest()
-    path = _resolve_path(spec)
-    files = _folder_files(path) if path.is_dir() else [path]
-    return _hash_files(files, path if path.is_dir() else path)
+    check = check_corpus(spec, enforce_roots=enforce_roots)
+    try:
+        if check.kind == "folder":
+            return _hash_files(check.files, check.path, paths.MAX_FILE_BYTES)
+        limit = paths.MAX_TOTAL_BYTES if check.kind == "jsonl" else paths.MAX_FILE_BYTES
+        return _hash_files([check.path], check.path, limit)
+    except paths.PathNotAllowed as exc:
+        raise CorpusError(str(exc)) from exc
 
 
 # --- labelled prompt sets for the concept view ---------------------------------------------
