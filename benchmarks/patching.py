@@ -14,7 +14,7 @@ import torch
 from common import devices, english_text, timed
 
 from engine.core.models import load_model
-from engine.interventions.ops import patch_sweep
+from engine.interventions.sweeps import patch_sweep
 
 
 def main() -> None:

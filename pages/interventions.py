@@ -7,7 +7,6 @@ import json
 import pandas as pd
 import streamlit as st
 
-import engine.interventions.ops as iv
 from components.intervention_plots import (
     DELTA_METRICS,
     delta_lens_heatmap,
@@ -18,9 +17,27 @@ from components.intervention_plots import (
 )
 from components.session import cache_key, current_model, get_model_by_key, model_key, show_user_error
 from engine.core.errors import UserError
+from engine.core.sites import EDIT_SITES
 from engine.data.prompt_sets import CONCEPTS, LANGUAGES
-from engine.features.dashboards import corpus_means, find_dashboard
-from engine.sae.base import list_saes
+from engine.features.read import corpus_means, find_dashboard
+from engine.interventions.demos import tongue_thought
+from engine.interventions.directions import feature_unit, mean_difference_direction, probe_direction
+from engine.interventions.edits import compile_interventions
+from engine.interventions.generation import compare_next_token, delta_lens, dose_response, generate_compare
+from engine.interventions.specs import (
+    Intervention,
+    ablate_features,
+    ablate_heads,
+    ablate_neurons,
+    clamp_feature,
+    load_specs,
+    patch,
+    save_specs,
+    steer,
+    steer_sae_feature,
+)
+from engine.interventions.sweeps import patch_sweep
+from engine.sae.io import list_saes
 
 OPS = {"steer": "Steer (add α × direction)", "ablate_features": "Ablate SAE features",
        "clamp_feature": "Clamp an SAE feature", "ablate_neurons": "Ablate MLP neurons",
@@ -35,24 +52,24 @@ DEFAULT_B = "I hate this movie, it is terrible\nWhat an awful and sad day\nThis 
 def _direction(key: tuple, model_id: str, how: str, a: tuple[str, ...], b: tuple[str, ...], layer: int,
                site: str) -> list[float]:
     lm = get_model_by_key(key)
-    fn = iv.probe_direction if how == "Probe" else iv.mean_difference_direction
+    fn = probe_direction if how == "Probe" else mean_difference_direction
     return fn(lm, list(a), list(b), layer, site)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _unit(key: tuple, model_id: str, folder: str, feature: int) -> float:
-    return iv.feature_unit(get_model_by_key(key), folder, feature)
+    return feature_unit(get_model_by_key(key), folder, feature)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _next_token(key: tuple, model_id: str, prompt: str, specs_json: str) -> dict:
-    return iv.compare_next_token(get_model_by_key(key), prompt, iv.load_specs(json.loads(specs_json)))
+    return compare_next_token(get_model_by_key(key), prompt, load_specs(json.loads(specs_json)))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _generate(key: tuple, model_id: str, prompt: str, specs_json: str, n: int, sample: bool, seed: int):
-    return iv.generate_compare(get_model_by_key(key), prompt, iv.load_specs(json.loads(specs_json)),
-                               max_new_tokens=n, sample=sample, seed=seed)
+    return generate_compare(get_model_by_key(key), prompt, load_specs(json.loads(specs_json)),
+                            max_new_tokens=n, sample=sample, seed=seed)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -62,25 +79,25 @@ def _delta_lens(key: tuple, model_id: str, prompt: str, specs_json: str, track: 
     n = len(lm.tokenizer(prompt)["input_ids"])
     if n > 40:
         positions = list(range(n - 40, n))
-    return iv.delta_lens(lm, prompt, iv.load_specs(json.loads(specs_json)), track=list(track), positions=positions)
+    return delta_lens(lm, prompt, load_specs(json.loads(specs_json)), track=list(track), positions=positions)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _dose(key: tuple, model_id: str, prompt: str, spec_json: str, alphas: tuple[float, ...], token: str):
-    spec = iv.Intervention.from_json(json.loads(spec_json))
-    return iv.dose_response(get_model_by_key(key), prompt, spec, list(alphas), token)
+    spec = Intervention.from_json(json.loads(spec_json))
+    return dose_response(get_model_by_key(key), prompt, spec, list(alphas), token)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _sweep(key: tuple, model_id: str, source: str, target: str, token: str, kind: str, metric: str,
            token_b: str | None, site: str):
-    return iv.patch_sweep(get_model_by_key(key), source, target, token, kind=kind, metric=metric, token_b=token_b,
-                          site=site)
+    return patch_sweep(get_model_by_key(key), source, target, token, kind=kind, metric=metric, token_b=token_b,
+                       site=site)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def _tongue(key: tuple, model_id: str, a: str, b: str, s_in: str, s_out: str, t_in: str, t_out: str):
-    return iv.tongue_thought(get_model_by_key(key), a, b, s_in, s_out, t_in, t_out)
+    return tongue_thought(get_model_by_key(key), a, b, s_in, s_out, t_in, t_out)
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -99,7 +116,7 @@ def _lines(text: str) -> tuple[str, ...]:
     return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _build_spec(lm, key, mid) -> iv.Intervention:
+def _build_spec(lm, key, mid) -> Intervention:
     """Turn the builder's widgets into one intervention spec."""
     state = st.session_state
     op, layer = state["iv_op"], int(state["iv_layer"])
@@ -113,9 +130,9 @@ def _build_spec(lm, key, mid) -> iv.Intervention:
                 raise UserError("No SAE is available for this model; train one on the Jobs page or pick another "
                                 "direction source.")
             unit = _unit(key, mid, folder, feature)
-            return iv.steer_sae_feature(folder, feature, float(state["iv_alpha"]), layer, site, positions, unit)
+            return steer_sae_feature(folder, feature, float(state["iv_alpha"]), layer, site, positions, unit)
         direction = _direction(key, mid, how, _lines(state["iv_set_a"]), _lines(state["iv_set_b"]), layer, site)
-        return iv.steer(layer, direction, float(state["iv_alpha"]), site, positions)
+        return steer(layer, direction, float(state["iv_alpha"]), site, positions)
     if op in ("ablate_features", "clamp_feature"):
         folder = state.get("iv_sae") or ""
         if not folder:
@@ -124,18 +141,18 @@ def _build_spec(lm, key, mid) -> iv.Intervention:
         if op == "clamp_feature":
             if len(features) != 1:
                 raise UserError("Give exactly one feature to clamp.")
-            return iv.clamp_feature(folder, features[0], float(state["iv_value"]), layer, site, positions)
+            return clamp_feature(folder, features[0], float(state["iv_value"]), layer, site, positions)
         mode = state.get("iv_mode", "zero")
         reference = corpus_means(folder, features) if mode == "mean" else None
-        return iv.ablate_features(folder, features, layer, site, mode, positions,
-                                  means=reference["means"] if reference else None)
+        return ablate_features(folder, features, layer, site, mode, positions,
+                               means=reference["means"] if reference else None)
     if op == "ablate_neurons":
-        return iv.ablate_neurons(layer, _ints(state.get("iv_neurons", ""), "Neurons") or [],
-                                 state.get("iv_mode", "zero"), positions)
+        return ablate_neurons(layer, _ints(state.get("iv_neurons", ""), "Neurons") or [],
+                              state.get("iv_mode", "zero"), positions)
     if op == "ablate_heads":
-        return iv.ablate_heads(layer, list(state.get("iv_heads") or []), positions)
-    return iv.patch(state["iv_source"], layer, positions or [-1], site, int(state.get("iv_source_layer", layer)),
-                    _ints(state.get("iv_source_positions", ""), "Source positions"))
+        return ablate_heads(layer, list(state.get("iv_heads") or []), positions)
+    return patch(state["iv_source"], layer, positions or [-1], site, int(state.get("iv_source_layer", layer)),
+                 _ints(state.get("iv_source_positions", ""), "Source positions"))
 
 
 def _mean_source(folder: str) -> str:
@@ -156,7 +173,7 @@ def _builder(lm, key, mid) -> None:
     c2.selectbox("Layer", list(range(n_layers)), key="iv_layer")
     c3.text_input("Positions (comma-separated, -1 = last; empty = all)", key="iv_positions")
     if op in ("steer", "ablate_features", "clamp_feature", "patch"):
-        st.selectbox("Site", list(iv.EDIT_SITES), key="iv_site")
+        st.selectbox("Site", list(EDIT_SITES), key="iv_site")
     saes = [str(p) for p in list_saes()]
     if op == "steer":
         how = st.radio("Direction from", DIRECTIONS, horizontal=True, key="iv_dir_source")
@@ -196,7 +213,7 @@ def _builder(lm, key, mid) -> None:
     if st.button("Add intervention", key="iv_add"):
         try:
             spec = _build_spec(lm, key, mid)
-            iv.compile_interventions(lm, [spec], len(lm.tokenizer(st.session_state["iv_prompt"])["input_ids"]))
+            compile_interventions(lm, [spec], len(lm.tokenizer(st.session_state["iv_prompt"])["input_ids"]))
             st.session_state["iv_specs"].append(spec.to_json())
         except UserError as exc:
             show_user_error(exc)
@@ -238,7 +255,7 @@ specs = st.session_state["iv_specs"]
 st.markdown(f"**Active interventions ({len(specs)})**, applied together in one forward pass")
 for i, raw in enumerate(list(specs)):
     c1, c2 = st.columns([8, 1])
-    c1.code(iv.Intervention.from_json(raw).describe(), language=None)
+    c1.code(Intervention.from_json(raw).describe(), language=None)
     if c2.button("Remove", key=f"iv_remove_{i}"):
         specs.pop(i)
         st.rerun()
@@ -248,7 +265,7 @@ d1.download_button("Download interventions (JSON)", specs_json, "interventions.j
 uploaded = d2.file_uploader("Load interventions (JSON)", type=["json"], key="iv_upload")
 if uploaded is not None and st.session_state.get("iv_uploaded") != uploaded.file_id:
     try:
-        st.session_state["iv_specs"] = iv.save_specs(iv.load_specs(json.loads(uploaded.getvalue())))
+        st.session_state["iv_specs"] = save_specs(load_specs(json.loads(uploaded.getvalue())))
         st.session_state["iv_uploaded"] = uploaded.file_id
         st.rerun()
     except (ValueError, UserError) as exc:
@@ -303,7 +320,7 @@ with tabs[2]:
         st.info("Add a steering intervention to sweep its α.")
     else:
         pick = st.selectbox("Steering intervention", range(len(steering)), key="dose_pick",
-                            format_func=lambda j: iv.Intervention.from_json(steering[j][1]).describe())
+                            format_func=lambda j: Intervention.from_json(steering[j][1]).describe())
         c1, c2, c3 = st.columns(3)
         lo, hi = c1.slider("α range", -20.0, 20.0, (-8.0, 8.0), key="dose_range")
         steps = c2.number_input("Steps", 3, 41, 17, key="dose_steps")
@@ -323,7 +340,7 @@ with tabs[3]:
     c1.radio("Sweep", ["layer_position", "layer_layer"], key="sweep_kind",
              format_func={"layer_position": "layer × position",
                           "layer_layer": "source layer → target layer (last token)"}.get)
-    c2.selectbox("Site", list(iv.EDIT_SITES), key="sweep_site")
+    c2.selectbox("Site", list(EDIT_SITES), key="sweep_site")
     c3.radio("Metric", ["prob", "logit_diff"], key="sweep_metric",
              format_func={"prob": "P(token)", "logit_diff": "logit difference"}.get)
     c4.text_input("Token", key="sweep_token")

@@ -9,7 +9,7 @@ from engine.core.errors import UserError
 
 
 def _patch_sweep(args) -> int:
-    from engine.interventions.ops import patch_sweep
+    from engine.interventions.sweeps import patch_sweep
 
     lm = load_from_args(args)
     with progress_bar("patching") as progress:
@@ -28,7 +28,8 @@ def _patch_sweep(args) -> int:
 
 
 def _intervene(args) -> int:
-    from engine.interventions.ops import compare_next_token, generate_compare, load_specs
+    from engine.interventions.generation import compare_next_token, generate_compare
+    from engine.interventions.specs import load_specs
 
     path = Path(args.spec)
     try:
@@ -53,7 +54,7 @@ def _intervene(args) -> int:
 
 
 def _tongue(args) -> int:
-    from engine.interventions.ops import tongue_thought
+    from engine.interventions.demos import tongue_thought
 
     lm = load_from_args(args)
     result = tongue_thought(lm, args.concept_a, args.concept_b, args.source_in, args.source_out, args.target_in,

@@ -65,9 +65,10 @@ def test_interventions_page_views_and_bad_input():
 def test_mean_ablation_uses_the_dashboards_corpus_means(tmp_path):
     """With dashboards of the chosen SAE built, 'mean' ablation takes each feature's corpus mean."""
     from engine.core.models import load_model
-    from engine.data.store import build_store
-    from engine.features.dashboards import DashboardConfig, build_dashboards, corpus_means
-    from engine.sae.base import save_sae
+    from engine.data.store_writer import build_store
+    from engine.features.build import DashboardConfig, build_dashboards
+    from engine.features.read import corpus_means
+    from engine.sae.io import save_sae
     from tests.engine.features.test_dashboards import TEXTS, make_sae
 
     lm = load_model("tiny:llama")
