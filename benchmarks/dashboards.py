@@ -3,7 +3,7 @@
 Both methods read the same store rows and compute, per feature, count, max, a histogram of non-zero
 activations, the top-k activating rows and interval samples.
 
-- **one pass** (``engine.features.dashboards.FeatureAccumulator``): each token batch is encoded once and all
+- **one pass** (``engine.features.accumulate.FeatureAccumulator``): each token batch is encoded once and all
   features are updated with batched tensor ops.
 - **baseline** (the way SAEDashboard organises the work): features are processed in batches of
   ``--feature-batch``; for each feature batch every token is encoded again (a top-k SAE needs the full
@@ -25,7 +25,7 @@ import torch
 from common import sync  # noqa: F401  (also puts the repo root on sys.path)
 
 from engine.core.models import cache_root
-from engine.features.dashboards import FeatureAccumulator
+from engine.features.accumulate import FeatureAccumulator
 
 
 def demo_batches(store, site, layer, batch_size):
@@ -120,8 +120,8 @@ def main() -> None:
         what = f"random top-k SAE {args.width:,} wide over {args.synthetic_tokens:,} random tokens"
     else:
         from engine.data.store import ActivationStore, list_stores
-        from engine.features.dashboards import check_sae_store
-        from engine.sae.base import load_sae
+        from engine.features.build import check_sae_store
+        from engine.sae.io import load_sae
 
         sae = load_sae(args.sae).to(device)
         store_path = args.store

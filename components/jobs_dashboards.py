@@ -12,8 +12,9 @@ from engine.core.errors import UserError
 def render_dashboards_section(lm) -> None:
     """Pick an SAE and a store of the current model, then build every feature's dashboard with progress."""
     from engine.data.store import list_stores
-    from engine.features.dashboards import DashboardConfig, build_dashboards, list_dashboards
-    from engine.sae.base import list_saes
+    from engine.features.build import DashboardConfig, build_dashboards
+    from engine.features.read import list_dashboards
+    from engine.sae.io import list_saes
 
     st.subheader("Feature dashboards")
     st.caption("One pass over a store encodes every token with the SAE and keeps, for all features at once, "

@@ -1,6 +1,6 @@
 """SAE features: the feature browser (list, feature page, what fires on my text, feature map).
 
-Reads dashboards built by :mod:`engine.features.dashboards` (Jobs & data page or ``python -m engine dashboards``).
+Reads dashboards built by :mod:`engine.features.build` (Jobs & data page or ``python -m engine dashboards``).
 Query parameters ``sae`` (SAE folder name or dashboard folder name) and ``feature`` open a feature directly.
 """
 from __future__ import annotations
@@ -21,7 +21,10 @@ from components.feature_views import (
 from components.lens_plots import show_token
 from components.session import cache_key, current_model, selected_customdata, show_user_error
 from engine.core.errors import UserError
-from engine.features.dashboards import DENSE_DENSITY, Dashboard, list_dashboards, text_activations
+from engine.features.feature_map import decoder_cosines, feature_map
+from engine.features.folder import DENSE_DENSITY
+from engine.features.read import Dashboard, list_dashboards
+from engine.features.text import text_activations
 
 SORTS = {"density": "density", "max activation": "max_act", "mean activation": "mean_act", "feature id": "feature",
          "top logit token": "top_logits"}
@@ -57,14 +60,12 @@ def _labels(path: str, stamp: float, features: tuple[int, ...]) -> dict:
 @st.cache_data(show_spinner=False, max_entries=8)
 def _map_data(path: str, stamp: float, method: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     dash = _dashboard(path, stamp)
-    return dash.feature_map(method), dash.query("SELECT feature, density, act_tokens FROM features ORDER BY feature")
+    return feature_map(dash, method), dash.query("SELECT feature, density, act_tokens FROM features ORDER BY feature")
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _decoder_cosines(path: str, stamp: float, feature: int) -> list[float]:
-    W = _dashboard(path, stamp).sae().W_dec.detach().float()
-    unit = W / W.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    return (unit @ unit[feature]).tolist()
+    return decoder_cosines(_dashboard(path, stamp), feature)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -75,8 +76,8 @@ def _contexts(path: str, stamp: float, feature: int, rows: tuple[int, ...], _tok
 @st.cache_data(show_spinner=False, max_entries=16)
 def _text_acts(path: str, stamp: float, model: str, text: str, _lm) -> tuple[list[str], np.ndarray]:
     dash = _dashboard(path, stamp)
-    tokens, acts = text_activations(_lm, dash.sae(), dash.site, dash.layer, text)
-    return tokens, acts.numpy()
+    tokens, acts = text_activations(_lm, dash.sae(), dash.site, dash.layer, text)  # the cached SAE is left as is
+    return tokens, acts.numpy()  # float32 on the host (text_activations sends it through to_host)
 
 
 def _open_feature(feature: int) -> None:

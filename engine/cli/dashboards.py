@@ -15,8 +15,9 @@ def _model_and_store(args):
     """The store to read: ``--store`` as given, or ``--corpus`` captured on the fly (only the SAE's site and
     layer, into the resumable default store folder; a second run reuses or extends it)."""
     from engine.core.models import load_model
-    from engine.data.store import ActivationStore, build_store, default_store_dir
-    from engine.sae.base import read_config
+    from engine.data.store import ActivationStore
+    from engine.data.store_writer import build_store, default_store_dir
+    from engine.sae.io import read_config
 
     if bool(args.store) == bool(args.corpus):
         raise DashboardCliError("Give either --store (an activation store) or --corpus (capture one now).")
@@ -43,7 +44,8 @@ def _model_and_store(args):
 
 
 def _run(args) -> int:
-    from engine.features.dashboards import Dashboard, DashboardConfig, build_dashboards
+    from engine.features.build import DashboardConfig, build_dashboards
+    from engine.features.read import Dashboard
 
     lm, store = _model_and_store(args)
     config = DashboardConfig(top_k=args.top_k, n_bins=args.bins, n_intervals=args.intervals,

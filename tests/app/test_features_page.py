@@ -16,9 +16,10 @@ def build_feature_fixture(cache: Path, d_sae: int = 256) -> tuple[Path, Path]:
     """Store + SAE + dashboard for the model the app builds for ``tiny:llama``, under ``cache``."""
     from engine.core.models import from_model
     from engine.core.tiny import build_tiny
-    from engine.data.store import build_store
-    from engine.features.dashboards import DashboardConfig, build_dashboards
-    from engine.sae.base import SAE, SAEConfig, save_sae
+    from engine.data.store_writer import build_store
+    from engine.features.build import DashboardConfig, build_dashboards
+    from engine.sae.base import SAE, SAEConfig
+    from engine.sae.io import save_sae
 
     model, tok = build_tiny("llama")
     lm = from_model(model, tok, name="tiny:llama")  # same name -> same weights hash as the app's tiny:llama
@@ -72,7 +73,7 @@ def _html(at) -> str:
 
 
 def _live_feature(cache: Path) -> int:
-    from engine.features.dashboards import Dashboard
+    from engine.features.read import Dashboard
 
     dash = Dashboard.open(cache / "dashboards" / "tiny-sae-dash")
     return int(dash.query("SELECT feature FROM features WHERE NOT dead ORDER BY count DESC LIMIT 1").iloc[0, 0])
@@ -110,12 +111,16 @@ def test_list_filters_and_search():
     table = at.dataframe(key="features_table").value
     assert len(table) > 0 and "feature" in table.columns
     assert list(table["density"]) == sorted(table["density"], reverse=True)
-    word = next(w for w in " | ".join(table["act_tokens"]).split(" | ") if w.strip())
+    # a word that is not a number: a number also matches the feature of that id (tested below)
+    word = next(w for w in " | ".join(table["act_tokens"]).split(" | ") if w.strip() and not w.strip().isdigit())
     at.text_input(key="features_search").input(word).run()
     found = at.dataframe(key="features_table").value
     assert 0 < len(found) <= len(table)
     assert all(word.lower() in (a + t + b).lower()
                for a, t, b in found[["act_tokens", "top_logits", "bottom_logits"]].itertuples(index=False))
+    feature = int(table["feature"].iloc[0])
+    at.text_input(key="features_search").input(str(feature)).run()
+    assert feature in set(at.dataframe(key="features_table").value["feature"])
     at.text_input(key="features_search").input("zzzz-no-such-token").run()
     assert not at.exception and "0 features shown" in " ".join(c.value for c in at.caption)
 
@@ -130,6 +135,20 @@ def test_what_fires_on_my_text():
     assert len(ranked) > 0 and list(ranked["activation"]) == sorted(ranked["activation"], reverse=True)
     at.selectbox(key="fires_position").set_value(0).run()
     assert not at.exception
+
+
+def test_feature_map_tab(feature_cache):
+    """PCA map of the decoder directions, coloured by density, then by cosine to the open feature."""
+    live = _live_feature(feature_cache)
+    at = _open({"sae": "tiny-sae", "feature": str(live)})
+    at.radio(key="map_method").set_value("pca").run()
+    at.button(key="map_compute").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    spec = json.loads(at.get("plotly_chart")[-1].proto.spec)
+    assert spec["data"][0]["type"] == "scattergl" and len(spec["data"][0]["x"]) == 256  # one point per feature
+    at.radio(key="map_color").set_value("cosine to the current feature").run()
+    assert not at.exception and not at.error
+    assert (feature_cache / "dashboards" / "tiny-sae-dash" / "map_pca.parquet").is_file()
 
 
 def test_jobs_section_builds_dashboards(feature_cache):

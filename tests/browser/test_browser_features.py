@@ -9,7 +9,7 @@ pytestmark = [pytest.mark.browser]
 
 def test_feature_page_by_link(tmp_path, monkeypatch):
     require_browser()
-    from engine.features.dashboards import Dashboard
+    from engine.features.read import Dashboard
     from tests.app.test_features_page import build_feature_fixture
 
     cache = tmp_path / "cache"

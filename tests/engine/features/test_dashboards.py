@@ -1,6 +1,8 @@
-"""Feature dashboards: one streaming pass equals brute force; logit effects; bad input; CLI."""
+"""Feature dashboards: one streaming pass equals brute force; logit effects; bad input; CLI; results that
+leave the device (no shared SAE moved, no half-precision tensor handed to numpy)."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -9,19 +11,16 @@ import pytest
 import torch
 
 from engine.core.errors import UserError
-from engine.data.store import build_store
-from engine.features.dashboards import (
-    Dashboard,
-    DashboardConfig,
-    DashboardError,
-    FeatureAccumulator,
-    build_dashboards,
-    ceil_log2,
-    decoder_neighbours,
-    list_dashboards,
-    text_activations,
-)
-from engine.sae.base import SAE, SAEConfig, save_sae
+from engine.data.store_writer import build_store
+from engine.features.accumulate import FeatureAccumulator, ceil_log2
+from engine.features.build import DashboardConfig, build_dashboards
+from engine.features.decoder import decoder_neighbours, residual_directions
+from engine.features.feature_map import decoder_cosines, feature_map
+from engine.features.folder import DashboardError, write_parquet
+from engine.features.read import Dashboard, corpus_means, list_dashboards
+from engine.features.text import text_activations
+from engine.sae.base import SAE, SAEConfig
+from engine.sae.io import save_sae
 
 D_SAE = 48
 TEXTS = [f"Document {i}: the quick brown fox jumps over the lazy dog, then {i * 7} cats sat on mats."
@@ -270,8 +269,6 @@ def test_cli_captures_a_corpus_on_the_fly(built, lm, tmp_path, monkeypatch, caps
 
 def test_corpus_means_for_mean_ablation(built, tmp_path):
     """Per-feature mean over every token of the store (zeros included), found by the SAE's content hash."""
-    from engine.features.dashboards import corpus_means
-
     dash, sae_dir, _ = built
     _, acts = brute_force(dash)
     features = [3, 0, 17]
@@ -316,3 +313,108 @@ def test_cooccurrence_can_be_turned_off(lm, store_dir, tmp_path):
     assert dash.manifest["cooccurrence"] is False and len(dash.feature(0)["cooccurring"]) == 0
     with pytest.raises(UserError, match="n_cooccur"):
         DashboardConfig(n_cooccur=-1).check()
+
+
+# --- results leave the device through to_host; a shared SAE is never moved or cast (issue 13) ---------------
+@pytest.fixture(scope="module")
+def lm_bf16():
+    from engine.core.models import from_model
+    from engine.core.tiny import build_tiny
+
+    model, tok = build_tiny("llama")
+    return from_model(model.to(torch.bfloat16), tok, name="tiny:llama-bf16", check=False)
+
+
+def _parameters(module: torch.nn.Module) -> dict:
+    return {name: (p.dtype, p.device, p.data_ptr()) for name, p in module.named_parameters()}
+
+
+def test_text_activations_leave_the_cached_sae_alone(built, lm, lm_bf16, monkeypatch):
+    """On a GPU, text_activations moved the dashboard's cached SAE to the model's device in place, so
+    Dashboard.contexts then multiplied CPU rows by CUDA weights. Here the model is bfloat16 and the cached SAE
+    float32; any in-place conversion of the SAE (``.to``/``.cuda``/``.half`` all go through ``_apply``) fails."""
+    dash, _, _ = built
+    sae = dash.sae()
+    before = _parameters(sae)
+
+    def no_in_place_conversion(*args, **kwargs):
+        raise AssertionError("the shared SAE was moved or cast in place")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(sae), "_apply", no_in_place_conversion)
+        tokens, acts = text_activations(lm_bf16, sae, "resid_post", 1, "the quick brown fox")
+    assert _parameters(sae) == before and dash.sae() is sae
+    assert acts.dtype == torch.float32 and acts.device.type == "cpu"
+    assert acts.numpy().shape == (len(tokens), D_SAE) == (len("the quick brown fox"), D_SAE)
+    # the same activations as encoding the bfloat16 model's hidden states directly
+    from engine.core.capture import capture
+
+    ids = lm_bf16.tokenizer("the quick brown fox", return_tensors="pt")["input_ids"]
+    hidden = capture(lm_bf16.anatomy, ids, sites={"resid_post": [1]})[0]["resid_post"][0, 0, -len(tokens):]
+    with torch.no_grad():
+        assert torch.allclose(acts, sae.encode(hidden.float()), atol=1e-6)
+    # the dashboard still works with its SAE afterwards
+    live = int(dash.query("SELECT feature FROM features WHERE NOT dead ORDER BY density DESC LIMIT 1").iloc[0, 0])
+    rows = dash.feature(live)["top"]["row"].tolist()[:2]
+    assert len(dash.contexts(live, rows, lm.tokenizer)) == len(rows)
+
+
+def test_a_bf16_sae_gives_float32_results(built, lm):
+    """Activations of a half-precision SAE come back as float32 host tensors that numpy can take."""
+    dash, _, _ = built
+    sae = copy.deepcopy(dash.sae()).to(torch.bfloat16)
+    tokens, acts = text_activations(lm, sae, "resid_post", 1, "the lazy dog")
+    assert acts.dtype == torch.float32 and acts.numpy().shape == (len(tokens), D_SAE)
+    assert all(p.dtype == torch.bfloat16 for p in sae.parameters())
+    # a dashboard whose SAE is half precision: contexts, the map and cosines still leave the device as float32
+    half = Dashboard.open(dash.path)
+    half._sae = sae
+    live = int(half.query("SELECT feature FROM features WHERE NOT dead LIMIT 1").iloc[0, 0])
+    contexts = half.contexts(live, half.feature(live)["top"]["row"].tolist()[:1], lm.tokenizer)
+    assert all(isinstance(a, float) for a in contexts[0]["acts"])
+    cosines = decoder_cosines(half, 3)
+    assert len(cosines) == D_SAE and cosines[3] == pytest.approx(1.0, abs=1e-2)
+
+
+def test_tables_take_half_precision_tensors(tmp_path):
+    import pandas as pd
+
+    write_parquet({"x": torch.tensor([1.5, -2.0], dtype=torch.bfloat16), "n": torch.arange(2)}, tmp_path / "t.parquet")
+    table = pd.read_parquet(tmp_path / "t.parquet")
+    assert table["x"].dtype == np.float32 and table["x"].tolist() == [1.5, -2.0] and table["n"].tolist() == [0, 1]
+
+
+def test_feature_map_and_cosines(built, tmp_path):
+    dash, _, _ = built
+    copy_dir = tmp_path / "dash"
+    copy_dir.mkdir()
+    for file in dash.path.iterdir():  # a copy: the map file is written into the dashboard folder
+        (copy_dir / file.name).write_bytes(file.read_bytes())
+    other = Dashboard.open(copy_dir)
+    coords = feature_map(other, "pca")
+    assert list(coords.columns) == ["feature", "x", "y"] and len(coords) == D_SAE
+    assert coords["x"].dtype == np.float32 and (copy_dir / "map_pca.parquet").is_file()
+    assert feature_map(other, "pca").equals(coords)  # read back from the cache
+    unit = torch.nn.functional.normalize(other.sae().W_dec.detach(), dim=1)
+    np.testing.assert_allclose(decoder_cosines(other, 5), (unit @ unit[5]).numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(DashboardError, match="does not exist"):
+        decoder_cosines(other, D_SAE)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_mlp_hidden_directions_go_through_the_output_projection(arch):
+    """GPT-2's Conv1D stores [in, out], Llama's Linear [out, in]: both map d_mlp directions to d_model."""
+    from engine.core.models import from_model
+    from engine.core.tiny import build_tiny
+
+    model, tok = build_tiny(arch)
+    anatomy = from_model(model, tok, name=f"tiny:{arch}", check=False).anatomy
+    proj = anatomy.mlp_out_proj(0)
+    d_mlp = proj.weight.shape[0] if arch == "gpt2" else proj.weight.shape[1]
+    W_dec = torch.randn(5, d_mlp)
+    with torch.no_grad():
+        bias = proj(torch.zeros(1, d_mlp))
+        expected = proj(W_dec) - bias
+    assert torch.allclose(residual_directions(anatomy, W_dec, "mlp_hidden", 0), expected, atol=1e-4)
+    resid = torch.randn(5, anatomy.d_model)
+    assert torch.equal(residual_directions(anatomy, resid, "resid_post", 0), resid)  # already residual directions
