@@ -1,4 +1,4 @@
-"""What a served UI lets its visitors do: the demo-mode policy, read from the environment (no Streamlit here).
+"""The serving policy (demo mode): which models, paths, uploads and jobs a served app allows. Above core and data.
 
 - ``LATENT_EXPLORER_DEMO=1``            demo mode: only allowed models, no hub downloads, no remote code,
                                          no Hugging Face datasets, one job at a time per session

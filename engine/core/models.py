@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,12 +22,13 @@ from pathlib import Path
 import torch
 
 from engine.core.anatomy import Anatomy, find_anatomy
+from engine.core.devices import DeviceError, dtype_name, pick_device, pick_dtype
 from engine.core.errors import UserError
 from engine.core.fileio import atomic_write_text, sha256_file
+from engine.core.selfcheck import self_check, tolerance
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CONVERTED_FORMAT = 1  # bump when the layout of a converted folder changes
 
 
@@ -92,10 +94,10 @@ def resolve(spec: str) -> Source:
     if spec in EMBEDDED:
         return Source("embedded", spec)
     if spec.startswith("tiny:"):
-        from engine.core.tiny import ARCHS
+        from engine.core.tiny import ALL_ARCHS
 
-        if spec[5:] not in ARCHS:
-            raise ModelLoadError(f"Unknown tiny architecture '{spec[5:]}'; choose from {', '.join(ARCHS)}.")
+        if spec[5:] not in ALL_ARCHS:
+            raise ModelLoadError(f"Unknown tiny architecture '{spec[5:]}'; choose from {', '.join(ALL_ARCHS)}.")
         return Source("tiny", spec)
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
@@ -109,6 +111,61 @@ def resolve(spec: str) -> Source:
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/") and spec.count("/") > 1:
         raise ModelLoadError(f"The path '{spec}' does not exist.")
     return Source("hub", spec)
+
+
+# --- the hub, without waiting for timeouts ---------------------------------------------------
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(name, "") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(flag.strip().upper() in ("1", "ON", "YES", "TRUE") for flag in flags)
+
+
+def _hub_reachable(timeout: float = 1.0) -> bool:
+    """Whether a TCP connection to the hub endpoint opens within ``timeout`` seconds (name lookup included)."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy only the hub client can tell
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    opened: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=attempt, daemon=True)  # a stuck name lookup ignores socket timeouts
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(opened)
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        return False
+
+
+def _hub_local_only(spec: str) -> bool:
+    """Whether a hub id must come from the local cache; fails at once when the hub cannot help and it is not cached
+    (the hub client would retry for most of a minute first)."""
+    offline = _hub_offline()
+    if not offline and _hub_reachable():
+        return False
+    if _hub_cached(spec):
+        return True
+    why = "Hugging Face offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hugging Face hub cannot be reached"
+    raise ModelLoadError(f"Model '{spec}' could not be loaded: it is not an embedded model, a local folder or a .gguf "
+                         f"file, it is not in the local Hugging Face cache, and {why}.")
 
 
 def _file_digest(path: Path) -> str:
@@ -225,26 +282,20 @@ class LoadedModel:
     def describe(self) -> dict:
         return {"model": self.name, "kind": self.source.kind, "architecture": type(self.model).__name__,
                 "layers": self.n_layers, "d_model": self.d_model, "vocab": self.anatomy.vocab_size,
-                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "device": str(self.device), "dtype": dtype_name(self.dtype),
                 "context_length": self.context_length, "final_norm": self.anatomy.final_norm_path,
-                "softcap": self.anatomy.softcap, "weights_hash": self.weights_hash[:16],
+                "softcap": self.anatomy.softcap, "logit_scale": self.anatomy.logit_scale,
+                "unavailable": list(self.anatomy.missing.values()), "weights_hash": self.weights_hash[:16],
                 "self_check_max_abs_diff": self.self_check_max_abs_diff}
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError("CUDA was asked for, but this machine has no usable GPU; choose 'cpu'.")
-    return torch.device(device)
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"Unknown dtype '{dtype}'; choose from auto, {', '.join(DTYPES)}.")
-    return DTYPES[dtype]
+def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """:func:`engine.core.devices.pick_device` / ``pick_dtype``, their sentences as load errors."""
+    try:
+        torch_device = pick_device(device)
+        return torch_device, pick_dtype(dtype, torch_device)
+    except DeviceError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def _context_length(model, tokenizer) -> int | None:
@@ -264,8 +315,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(spec)
-    torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device)
+    torch_device, torch_dtype = _device_and_dtype(device, dtype)
     if source.kind == "tiny":  # random weights, for tests and demos without downloads
         from engine.core.tiny import build_tiny
 
@@ -285,11 +335,13 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
     else:
         folder = source.path if source.kind == "local" else source.spec
         weights_hash = _folder_fingerprint(source.path) if source.kind == "local" else ""
+    local_only = source.kind == "hub" and _hub_local_only(spec)
     if progress:
-        progress(f"Loading {spec} on {torch_device} in {str(torch_dtype).replace('torch.', '')}")
+        progress(f"Loading {spec} on {torch_device} in {dtype_name(torch_dtype)}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        options = {"trust_remote_code": trust_remote_code, **({"local_files_only": True} if local_only else {})}
+        tokenizer = AutoTokenizer.from_pretrained(folder, **options)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **options)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if source.kind == "hub":
@@ -307,8 +359,6 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "au
                      device=torch_device, dtype=torch_dtype, weights_hash=weights_hash,
                      context_length=_context_length(model, tokenizer))
     if check:
-        from engine.lens.logit import self_check, tolerance
-
         lm.self_check_max_abs_diff = self_check(lm)
         if not lm.self_check_max_abs_diff <= tolerance(torch_dtype):
             raise ModelLoadError(
@@ -329,7 +379,5 @@ def from_model(model: torch.nn.Module, tokenizer, name: str = "in-memory", check
                      weights_hash=hashlib.sha256(name.encode()).hexdigest(),
                      context_length=_context_length(model, tokenizer))
     if check and tokenizer is not None:
-        from engine.lens.logit import self_check
-
         lm.self_check_max_abs_diff = self_check(lm)
     return lm

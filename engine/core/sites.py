@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.core.anatomy import Anatomy
+from engine.core.anatomy import ATTENTION, BRANCHES, MLP, Anatomy
 from engine.core.errors import UserError
 
 
@@ -38,16 +38,17 @@ class Site:
     module: Callable[[Anatomy, int], nn.Module] | None  # None for derived sites (resid_mid)
     wide: bool = False                               # width is the projection's input width, not d_model
     kwargs_input: bool = False                       # the input may arrive as ``hidden_states=`` (decoder layers)
+    needs: tuple[str, ...] = ()                      # optional anatomy parts (keys of ``Anatomy.missing``)
 
 
 REGISTRY: dict[str, Site] = {
     "resid_pre": Site("resid_pre", True, lambda a, i: a.layers[i], kwargs_input=True),
-    "resid_mid": Site("resid_mid", False, None),
+    "resid_mid": Site("resid_mid", False, None, needs=(ATTENTION, BRANCHES)),
     "resid_post": Site("resid_post", False, lambda a, i: a.layers[i]),
-    "attn_out": Site("attn_out", False, lambda a, i: a.attn_branch(i)),
-    "mlp_out": Site("mlp_out", False, lambda a, i: a.mlp_branch(i)),
-    "mlp_hidden": Site("mlp_hidden", True, lambda a, i: a.mlp_out_proj(i), wide=True),
-    "attn_heads": Site("attn_heads", True, lambda a, i: a.attn_out_proj(i), wide=True),
+    "attn_out": Site("attn_out", False, lambda a, i: a.attn_branch(i), needs=(ATTENTION, BRANCHES)),
+    "mlp_out": Site("mlp_out", False, lambda a, i: a.mlp_branch(i), needs=(MLP, BRANCHES)),
+    "mlp_hidden": Site("mlp_hidden", True, lambda a, i: a.mlp_out_proj(i), wide=True, needs=(MLP,)),
+    "attn_heads": Site("attn_heads", True, lambda a, i: a.attn_out_proj(i), wide=True, needs=(ATTENTION,)),
 }
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_hidden")  # capturable and storable
 EDIT_SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_hidden")  # steer, ablate, patch, splice SAEs
@@ -57,6 +58,20 @@ def get_site(name: str) -> Site:
     if name not in REGISTRY:
         raise SiteError(f"unknown site '{name}'; choose from {', '.join(REGISTRY)}")
     return REGISTRY[name]
+
+
+def check_site(anatomy: Anatomy, site: str) -> Site:
+    """The site's spec, or a :class:`SiteError` sentence when this model lacks a part the site needs."""
+    spec = get_site(site)
+    for part in spec.needs:
+        if part in anatomy.missing:
+            raise SiteError(f"The site '{site}' is not available for this model: {anatomy.missing[part]}")
+    return spec
+
+
+def available_sites(anatomy: Anatomy, sites: Iterable[str] = SITES) -> tuple[str, ...]:
+    """The sites of ``sites`` this model supports (all of them for a model with attention and an MLP)."""
+    return tuple(site for site in sites if not any(part in anatomy.missing for part in get_site(site).needs))
 
 
 def normalize_sites(sites: Mapping[str, Iterable[int] | str], n_layers: int) -> dict[str, list[int]]:
@@ -90,14 +105,14 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 
 def site_width(anatomy: Anatomy, site: str, layer: int) -> int:
     """Width of ``site`` at ``layer`` in this model."""
-    spec = get_site(site)
+    spec = check_site(anatomy, site)
     if spec.wide:
         return int(weight_out_in(spec.module(anatomy, layer)).shape[1])
     return int(anatomy.d_model)
 
 
 def site_module(anatomy: Anatomy, site: str, layer: int) -> nn.Module:
-    spec = get_site(site)
+    spec = check_site(anatomy, site)
     if spec.module is None:
         raise SiteError(f"The site '{site}' is derived from two others and has no module of its own.")
     return spec.module(anatomy, layer)

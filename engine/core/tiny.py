@@ -56,10 +56,29 @@ def _configs(vocab: int) -> dict:
                                        **ids), tf.GPT2LMHeadModel),
         "gpt_neox": (lambda: tf.GPTNeoXConfig(use_parallel_residual=True, **common), tf.GPTNeoXForCausalLM),
         "gpt_neox_seq": (lambda: tf.GPTNeoXConfig(use_parallel_residual=False, **common), tf.GPTNeoXForCausalLM),
+        # lens-only: no MLP module (OPT's fc1/fc2 sit on the layer), no attention or MLP (Mamba),
+        # branches scaled inside the layer (Granite's residual_multiplier)
+        "opt": (lambda: tf.OPTConfig(ffn_dim=FFN, word_embed_proj_dim=HIDDEN, **_opt(common)), tf.OPTForCausalLM),
+        "opt_proj": (lambda: tf.OPTConfig(ffn_dim=FFN, word_embed_proj_dim=HIDDEN // 2, do_layer_norm_before=False,
+                                          **_opt(common)), tf.OPTForCausalLM),  # OPT-350m: post-norm, project_out
+        "mamba": (lambda: tf.MambaConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=LAYERS, state_size=8,
+                                         expand=2, conv_kernel=4, **ids), tf.MambaForCausalLM),
+        "granite": (lambda: tf.GraniteConfig(embedding_multiplier=12.0, residual_multiplier=0.22,
+                                             attention_multiplier=0.125, logits_scaling=8.0, **gqa),
+                    tf.GraniteForCausalLM),
+        "cohere": (lambda: tf.CohereConfig(logit_scale=0.25, tie_word_embeddings=False, **gqa), tf.CohereForCausalLM),
     }
 
 
-ARCHS = list(_configs(300))
+def _opt(common: dict) -> dict:
+    return {key: value for key, value in common.items() if key != "intermediate_size"}
+
+
+# every test over the ``tiny_lm`` fixture runs on ARCHS (all sites exist); LENS_ONLY_ARCHS lack some
+# sub-block sites, so only the lens and the residual sites are tested on them (tests/engine/core)
+LENS_ONLY_ARCHS = ["opt", "opt_proj", "mamba", "granite"]
+ARCHS = [arch for arch in _configs(300) if arch not in LENS_ONLY_ARCHS]
+ALL_ARCHS = ARCHS + LENS_ONLY_ARCHS
 
 
 def build_tiny(arch: str, tokenizer=None, seed: int = 0, scale_head: float = 1.0):
@@ -71,6 +90,8 @@ def build_tiny(arch: str, tokenizer=None, seed: int = 0, scale_head: float = 1.0
     model = cls(config).eval()
     with torch.no_grad():  # random init is tiny; spread the weights so layers really differ
         for name, param in model.named_parameters():
+            if name.endswith("A_log"):  # Mamba's state decay: keep the initialisation's stable range
+                continue
             if param.ndim == 2 and "embed" not in name and "wte" not in name:
                 param.mul_(10.0)
             elif param.ndim == 1 and name.endswith("weight"):  # norm gains: not all ones

@@ -103,3 +103,30 @@ def test_gemma_self_check_and_cache():
     assert result.self_check_max_abs_diff <= 1e-3
     assert len(result.row_names) == 1 + 2 * 18
     assert result.tracked_ranks[-1, -1, 0] < 10  # Paris is among the top candidates at the last layer
+
+
+def test_unknown_hub_id_offline_fails_at_once(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError) as info:
+        load_model("no-such-org/no-such-model-offline")
+    assert time.perf_counter() - start < 1.0
+    text = str(info.value)
+    assert "could not be loaded" in text and "offline" in text and "\n" not in text
+
+
+def test_unknown_hub_id_without_network_fails_at_once(monkeypatch):
+    import time
+
+    import engine.core.models as models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_offline", lambda: False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=1.0: False)
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="cannot be reached"):
+        load_model("no-such-org/no-such-model-unreachable")
+    assert time.perf_counter() - start < 1.0

@@ -12,7 +12,7 @@ import pytest
 from engine.core import paths, serving
 from engine.core.errors import UserError
 from engine.core.paths import PathNotAllowed
-from engine.core.serving import NotAllowed, ServingPolicy
+from engine.serving import NotAllowed, ServingPolicy
 
 QUICK = 5.0  # seconds any refusal may take
 
