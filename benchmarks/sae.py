@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.sae.base import SAE, SAEConfig, sparse_decode  # noqa: E402
-from engine.sae.training import TrainConfig, train_sae  # noqa: E402
+from engine.sae.base import SAE, SAEConfig  # noqa: E402
+from engine.sae.training import SAETrainConfig, sparse_decode, train_sae  # noqa: E402
 
 
 def timed(fn, device: torch.device, repeats: int = 10, warmup: int = 2) -> float:
@@ -78,9 +78,9 @@ def bench_device(device: torch.device, d_in: int, d_sae: int, k: int, batch: int
 
     t_dense_step = timed(dense_step, device, repeats=max(3, steps // 3))
     batches = [torch.randn(batch, d_in) for _ in range(steps)]
-    config = TrainConfig(d_sae=d_sae, k=k, batch_size=batch, total_tokens=batch * steps, log_every=10 ** 9,
-                         init_sample_tokens=batch, device=str(device), dead_window_tokens=batch * 4)
-    train_sae(batches[:3], None, config=TrainConfig(**{**config.__dict__, "total_tokens": batch * 3}))  # warm-up
+    config = SAETrainConfig(d_sae=d_sae, k=k, batch_size=batch, total_tokens=batch * steps, log_every=10 ** 9,
+                            init_sample_tokens=batch, device=str(device), dead_window_tokens=batch * 4)
+    train_sae(batches[:3], None, config=SAETrainConfig(**{**config.__dict__, "total_tokens": batch * 3}))  # warm-up
     result = train_sae(batches, None, config=config)
     dense_tps = batch / t_dense_step
     print(f"training      {result.tokens_per_second:12,.0f} tok/s   dense AE step {dense_tps:12,.0f} tok/s   "

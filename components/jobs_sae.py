@@ -127,7 +127,8 @@ def _store_label(entry: dict) -> str:
 def _train_from_store(entry: dict, site: str, layer: int, settings: dict, out: Path, view: _LiveView) -> dict:
     from engine.data.store import ActivationStore
     from engine.sae.evaluation import evaluate_on_store, report_to_json
-    from engine.sae.training import TrainConfig, train_sae
+    from engine.sae.training import SAETrainConfig as TrainConfig
+    from engine.sae.training import train_sae
 
     store = ActivationStore.open(entry["path"])
     config = TrainConfig(**settings)
@@ -152,7 +153,7 @@ def render_sae_training_section(lm=None) -> None:
 
     with st.expander("Demo SAE: built-in corpus on gemma-3-270m, middle layer (a few minutes on CPU)"):
         if st.button("Train the demo SAE", key="sae_demo_button"):
-            from engine.sae.training import train_demo_sae
+            from engine.sae.demo import train_demo_sae
 
             view = _LiveView()
             try:

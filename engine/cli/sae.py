@@ -1,10 +1,10 @@
-"""CLI: ``sae train``, ``sae eval``, ``sae demo`` and ``sae info`` (sparse autoencoders)."""
+"""CLI: ``sae train``, ``sae eval``, ``sae demo`` and ``sae info`` (sparse autoencoders and transcoders)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from engine.cli.common import add_model_args, emit, progress_bar
+from engine.cli.common import add_model_args, emit, progress_bar, say
 from engine.core.errors import UserError
 
 
@@ -21,21 +21,27 @@ def _open_store(path: str):
 
 
 def _train(args) -> int:
-    from engine.sae.training import TrainConfig, train_sae
+    from engine.sae.training import TRANSCODERS, SAETrainConfig, train_sae
 
     store = _open_store(args.store)
     site = args.site
     layer = args.layer if args.layer is not None else (store.layers[0] if len(store.layers) == 1 else None)
     if layer is None:
         raise SAECliError(f"The store holds layers {store.layers}: choose one with --layer.")
+    transcoder = args.arch in TRANSCODERS
+    if transcoder and not args.target_site:
+        raise SAECliError("A transcoder needs the site it predicts: pass --target-site (and --target-layer).")
+    target_site = args.target_site if transcoder else None
     out = Path(args.out) if args.out else _default_out(store, site, layer, args)
-    config = TrainConfig(architecture=args.arch, d_sae=args.width, expansion_factor=args.expansion, k=args.k,
-                         l1_coefficient=args.l1, lr=args.lr, warmup_steps=args.warmup, batch_size=args.batch_size,
-                         total_tokens=args.tokens or store.n_tokens, b_dec_init=args.b_dec_init,
-                         checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device)
+    config = SAETrainConfig(architecture=args.arch, d_sae=args.width, expansion_factor=args.expansion, k=args.k,
+                            l1_coefficient=args.l1, lr=args.lr, warmup_steps=args.warmup,
+                            batch_size=args.batch_size, total_tokens=args.tokens or store.n_tokens,
+                            b_dec_init=args.b_dec_init, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                            device=args.device)
     with progress_bar(f"sae {args.arch} L{layer}") as progress:
-        result = train_sae(store, out, site=site, layer=layer, config=config, resume=not args.restart,
-                           progress=progress)
+        result = train_sae(store, out, site=site, layer=layer, target_site=target_site,
+                           target_layer=args.target_layer if transcoder else None, config=config,
+                           resume=not args.restart, progress=progress)
     final = result.history[-1] if result.history else {}
     payload = {"path": str(result.path), "tokens": result.tokens, "steps": result.steps,
                "seconds": round(result.seconds, 2), "tokens_per_second": round(result.tokens_per_second),
@@ -54,21 +60,29 @@ def _default_out(store, site: str, layer: int, args) -> Path:
     slug = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in store.model_name)[-40:]
     width = args.width or f"x{args.expansion:g}"
     detail = f"k{args.k}" if args.arch == "topk" else f"l1-{args.l1:g}"
+    if args.arch not in ("topk", "standard"):
+        target_layer = layer if args.target_layer is None else args.target_layer
+        site = f"{site}-to-L{target_layer}-{args.target_site}"
     return cache_root() / "saes" / f"{slug}-L{layer}-{site}-{args.arch}-{detail}-w{width}"
 
 
 def _format_report(report: dict) -> str:
+    from engine.sae.metrics import DENSE_DENSITY
+
     def fmt(value, spec=".4f"):
         return "n/a" if value is None else format(value, spec)
 
+    where = f"{report['site']} layer {report['layer']}"
+    if report.get("site_out"):
+        where += f" -> {report['site_out']} layer {report['layer_out']}"
     lines = [f"SAE {report['sae'].get('architecture')} d_sae={report['sae'].get('d_sae')} on "
-             f"{report['site']} layer {report['layer']} ({report['n_tokens']:,} tokens, from {report['source']})",
+             f"{where} ({report['n_tokens']:,} tokens, from {report['source']})",
              f"  L0                  {fmt(report['l0'], '.2f')}",
              f"  explained variance  {fmt(report['explained_variance'])}",
              f"  MSE                 {fmt(report['mse'], '.5g')}",
              f"  cosine              {fmt(report['cosine'])}",
              f"  dead                {100 * report['dead_fraction']:.2f} %",
-             f"  dense (>10%)        {100 * report['dense_fraction']:.2f} %"]
+             f"  dense (>{100 * DENSE_DENSITY:g}%)        {100 * report['dense_fraction']:.2f} %"]
     ce = report.get("ce")
     if ce:
         lines += [f"  CE clean            {fmt(ce['clean'])}",
@@ -78,19 +92,37 @@ def _format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _placement(sae, args) -> dict:
+    """Site overrides from the command line (``--site``/``--layer`` only together), warned about when off-config."""
+    from engine.sae.attach import attach_warning
+
+    where: dict = {}
+    if args.layer is not None:
+        where.update(site=args.site, layer=args.layer)
+    if args.target_layer is not None:
+        where.update(out_site=args.target_site or sae.cfg.output_site()[0], out_layer=args.target_layer)
+    if where:
+        site, layer = where.get("site"), where.get("layer")
+        if site is None:
+            site, layer = sae.cfg.site()
+        warning = attach_warning(sae, site, layer, where.get("out_site"), where.get("out_layer"))
+        if warning:
+            say(f"warning: {warning}")
+    return where
+
+
 def _eval(args) -> int:
-    from engine.sae.base import load_sae
     from engine.sae.evaluation import evaluate_on_store, evaluate_with_model, held_out_texts, report_to_json
+    from engine.sae.io import load_sae
 
     sae = load_sae(args.sae)
     store = _open_store(args.store) if args.store else None
-    site, layer = (args.site, args.layer) if args.layer is not None else sae.cfg.site()
+    where = _placement(sae, args)
     if args.no_ce:
         if store is None:
             raise SAECliError("Without the model (--no-ce), evaluation needs cached activations: pass --store.")
         with progress_bar("eval") as progress:
-            report = evaluate_on_store(sae, store, site=site, layer=layer, max_tokens=args.max_tokens,
-                                       progress=progress)
+            report = evaluate_on_store(sae, store, max_tokens=args.max_tokens, progress=progress, **where)
     else:
         from engine.cli.common import load_from_args
 
@@ -103,16 +135,16 @@ def _eval(args) -> int:
             store.check_model(lm)
         texts = held_out_texts(store, args.corpus, args.skip_docs)
         with progress_bar("eval") as progress:
-            report = evaluate_with_model(sae, lm, texts, site=site, layer=layer, max_tokens=args.max_tokens,
+            report = evaluate_with_model(sae, lm, texts, max_tokens=args.max_tokens,
                                          context_length=args.context_length, batch_size=args.batch_size,
-                                         progress=progress)
+                                         progress=progress, **where)
     report = report_to_json(report)
     emit(report, args.json, _format_report(report))
     return 0
 
 
 def _demo(args) -> int:
-    from engine.sae.training import DemoSettings, train_demo_sae
+    from engine.sae.demo import DemoSettings, train_demo_sae
 
     settings = DemoSettings(model=args.model, layer=args.layer, capture_tokens=args.capture_tokens,
                             train_tokens=args.train_tokens, width=args.width, k=args.k, name=args.name)
@@ -126,13 +158,14 @@ def _demo(args) -> int:
 
 
 def _info(args) -> int:
-    from engine.sae.base import describe, load_sae, load_sparsity
+    from engine.sae.io import describe, load_sae, load_sparsity
+    from engine.sae.metrics import dead_in_log_sparsity
 
     sae = load_sae(args.sae)
     payload = describe(sae)
     sparsity = load_sparsity(args.sae)
     if sparsity is not None:
-        payload["dead_in_training"] = float((sparsity <= -9.99).float().mean())
+        payload["dead_in_training"] = float(dead_in_log_sparsity(sparsity).float().mean())
     emit(payload, args.json)
     return 0
 
@@ -146,7 +179,9 @@ def register(sub) -> None:
     p.add_argument("--store", required=True, help="activation store folder")
     p.add_argument("--site", default="resid_post")
     p.add_argument("--layer", type=int, help="layer to train on (default: the store's only layer)")
-    p.add_argument("--arch", choices=("topk", "standard"), default="topk")
+    p.add_argument("--arch", choices=("topk", "standard", "transcoder", "skip_transcoder"), default="topk")
+    p.add_argument("--target-site", help="transcoders: the site they predict (e.g. mlp_out)")
+    p.add_argument("--target-layer", type=int, help="transcoders: the layer of --target-site (default: --layer)")
     p.add_argument("--width", type=int, help="number of latents (d_sae); overrides --expansion")
     p.add_argument("--expansion", type=float, default=8.0, help="d_sae / d_in when --width is not given")
     p.add_argument("--k", type=int, default=32, help="active latents per token (topk)")
@@ -172,6 +207,8 @@ def register(sub) -> None:
     p.add_argument("--store", help="activation store the SAE was trained on (model, corpus, held-out split)")
     p.add_argument("--site", default="resid_post", help="with --layer: override the SAE's hook")
     p.add_argument("--layer", type=int)
+    p.add_argument("--target-site", help="transcoders, with --target-layer: override the output hook")
+    p.add_argument("--target-layer", type=int)
     p.add_argument("--corpus", help="held-out text (default: the store's corpus, else 'builtin')")
     p.add_argument("--skip-docs", type=int, help="documents to skip (default: those the store captured)")
     p.add_argument("--max-tokens", type=int, default=16_384)

@@ -1,98 +1,41 @@
-"""Evaluate a sparse autoencoder: reconstruction quality, sparsity, and the model's loss with it spliced in.
+"""Evaluate an SAE or transcoder: reconstruction quality, sparsity, and the model's loss with it spliced in.
 
-Metrics (the report card):
+Metrics (the report card; definitions in :mod:`engine.sae.metrics`):
 
 - ``l0``: mean number of active latents per token;
-- ``explained_variance``: ``1 - sum|x - x_hat|^2 / sum|x - mean(x)|^2`` over all evaluated tokens;
+- ``explained_variance``: SAELens's ``1 - E|x - x_hat|^2 / (E|x|^2 - |E x|^2)`` over all evaluated tokens
+  (for a transcoder ``x`` is the activation of the site it predicts);
 - ``mse``: mean squared error per element; ``cosine``: mean cosine of ``x`` and ``x_hat``;
 - ``dead_fraction``: latents that never fire on the evaluated tokens; ``dense_fraction``: latents firing on
-  more than 10 % of them; ``density_histogram``: counts of log10 firing density of the live latents;
-- ``ce``: next-token cross-entropy of the model clean, with the site's activation replaced by the SAE's
-  reconstruction, and with it replaced by zeros; ``recovered = (zero - spliced) / (zero - clean)``.
+  more than :data:`~engine.sae.metrics.DENSE_DENSITY` of them; ``density_histogram``: counts of log10
+  firing density of the live latents;
+- ``ce``: next-token cross-entropy of the model clean, with the output site's activation replaced by the
+  SAE's output, and with it replaced by zeros; ``recovered = (zero - spliced) / (zero - clean)``.
 
-Position 0 (BOS, with its outsized norm) is excluded from training by the activation store, so it is
-neither counted nor replaced here. Replacement runs as a forward hook on the module the site belongs to
-(``resid_post`` of layer i = output of ``anatomy.layers[i]``), and hooks are always removed.
+Position 0 is neither counted nor replaced (see :mod:`engine.sae.splice`). A transcoder is spliced as a
+hook pair: its input site is read, its output site replaced by its output.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from engine.core.capture import hooked, pad_batch, run_forward
 from engine.core.errors import UserError
-from engine.sae.base import SAE, SAECompatibilityError, check_attachable, describe
-
-Progress = Callable[[float, str], None]
-DENSE_THRESHOLD = 0.1
+from engine.core.progress import Progress, report
+from engine.sae.attach import Splice, pick_site, resolve_splice
+from engine.sae.base import SAE
+from engine.sae.hooks import SAECompatibilityError
+from engine.sae.io import describe
+from engine.sae.metrics import ExplainedVariance, active, is_dead, is_dense
+from engine.sae.splice import replace_site, splice_sae
 
 
 class SAEEvalError(UserError):
     """Evaluation input that cannot work (no text, no tokens, nothing to compare)."""
-
-
-# --- splicing -------------------------------------------------------------------------------
-def _apply(fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, skip_first: bool) -> torch.Tensor:
-    if not skip_first:
-        return fn(hidden).to(hidden.dtype)
-    if hidden.ndim < 3 or hidden.shape[1] < 2:
-        return hidden
-    out = hidden.clone()
-    out[:, 1:] = fn(hidden[:, 1:]).to(hidden.dtype)
-    return out
-
-
-@contextmanager
-def replace_site(anatomy, site: str, layer: int, fn: Callable[[torch.Tensor], torch.Tensor],
-                 skip_first_position: bool = True):
-    """Within the block, the activation at ``site``/``layer`` is replaced by ``fn(activation)``.
-
-    ``fn`` gets ``[batch, seq, width]`` (without position 0 when ``skip_first_position``).
-    """
-    handles = []
-
-    def output_hook(module, args, output):
-        if isinstance(output, tuple):
-            return (_apply(fn, output[0], skip_first_position),) + tuple(output[1:])
-        return _apply(fn, output, skip_first_position)
-
-    def pre_hook_kwargs(module, args, kwargs):
-        if args:
-            return (_apply(fn, args[0], skip_first_position),) + tuple(args[1:]), kwargs
-        kwargs = dict(kwargs)
-        kwargs["hidden_states"] = _apply(fn, kwargs["hidden_states"], skip_first_position)
-        return args, kwargs
-
-    def pre_hook(module, args):
-        return (_apply(fn, args[0], skip_first_position),) + tuple(args[1:])
-
-    try:
-        if site == "resid_post":
-            handles.append(anatomy.layers[layer].register_forward_hook(output_hook))
-        elif site == "attn_out":
-            handles.append(anatomy.attn_branch(layer).register_forward_hook(output_hook))
-        elif site == "mlp_out":
-            handles.append(anatomy.mlp_branch(layer).register_forward_hook(output_hook))
-        elif site == "resid_pre":
-            handles.append(anatomy.layers[layer].register_forward_pre_hook(pre_hook_kwargs, with_kwargs=True))
-        elif site == "mlp_hidden":
-            handles.append(anatomy.mlp_out_proj(layer).register_forward_pre_hook(pre_hook))
-        else:
-            raise SAECompatibilityError(f"The site '{site}' cannot be replaced in a forward pass.")
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def sae_replacement(sae: SAE) -> Callable[[torch.Tensor], torch.Tensor]:
-    def fn(hidden: torch.Tensor) -> torch.Tensor:
-        return sae(hidden.to(sae.W_enc.dtype))
-    return fn
 
 
 # --- accumulators ---------------------------------------------------------------------------
@@ -100,42 +43,38 @@ class ReconStats:
     """Streaming reconstruction and sparsity statistics over ``[n, d]`` batches."""
 
     def __init__(self, d_sae: int, device: torch.device | str = "cpu"):
-        self.n = 0
-        self.d_in = 0
-        self.sq_err = 0.0
-        self.sum_x: torch.Tensor | None = None
-        self.sum_sq = 0.0
+        self.ev = ExplainedVariance()
+        self.d_out = 0
         self.cos_sum = 0.0
         self.l0_sum = 0.0
         self.counts = torch.zeros(d_sae, dtype=torch.long, device=device)
 
+    @property
+    def n(self) -> int:
+        return self.ev.n
+
     @torch.no_grad()
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, acts: torch.Tensor) -> None:
-        x, x_hat = x.double(), x_hat.double()
-        active = acts > 0
-        self.n += x.shape[0]
-        self.d_in = x.shape[1]
-        self.sq_err += float((x - x_hat).pow(2).sum())
-        self.sum_x = x.sum(dim=0) if self.sum_x is None else self.sum_x + x.sum(dim=0)
-        self.sum_sq += float(x.pow(2).sum())
-        self.cos_sum += float(F.cosine_similarity(x, x_hat, dim=-1).sum())
-        self.l0_sum += float(active.sum())
-        self.counts += active.sum(dim=0).to(self.counts.device)
+        """``x``, ``x_hat``: ``[n, d_out]`` (target and output); ``acts``: ``[n, d_sae]``."""
+        fired = active(acts)
+        self.ev.update(x, x_hat)
+        self.d_out = x.shape[1]
+        self.cos_sum += float(F.cosine_similarity(x.double(), x_hat.double(), dim=-1).sum())
+        self.l0_sum += float(fired.sum())
+        self.counts += fired.sum(dim=0).to(self.counts.device)
 
     def result(self, n_bins: int = 30) -> dict:
         if self.n == 0:
             raise SAEEvalError("No tokens were evaluated: give more text or a larger token budget.")
-        total_var = self.sum_sq - float(self.sum_x.pow(2).sum()) / self.n
         density = self.counts.double().cpu() / self.n
-        live = density[density > 0]
+        live = density[~is_dead(density)]
         low = math.log10(1.0 / self.n)
         edges = torch.linspace(low, 0.0, n_bins + 1)
         hist = torch.histc(live.log10().float(), bins=n_bins, min=low, max=0.0) if len(live) else torch.zeros(n_bins)
-        return {"n_tokens": self.n, "l0": self.l0_sum / self.n,
-                "explained_variance": 1.0 - self.sq_err / total_var if total_var > 0 else None,
-                "mse": self.sq_err / (self.n * self.d_in), "cosine": self.cos_sum / self.n,
-                "dead_fraction": float((density == 0).double().mean()),
-                "dense_fraction": float((density > DENSE_THRESHOLD).double().mean()),
+        return {"n_tokens": self.n, "l0": self.l0_sum / self.n, "explained_variance": self.ev.compute(),
+                "mse": self.ev.sum_err / (self.n * self.d_out), "cosine": self.cos_sum / self.n,
+                "dead_fraction": float(is_dead(density).double().mean()),
+                "dense_fraction": float(is_dense(density).double().mean()),
                 "density_histogram": {"log10_density_edges": [round(float(e), 4) for e in edges],
                                       "counts": [int(c) for c in hist]},
                 "feature_density": density.float()}
@@ -144,12 +83,8 @@ class ReconStats:
 # --- token batches from text ----------------------------------------------------------------
 def _token_batches(tokenizer, texts: Iterable[str], context_length: int, batch_size: int,
                    pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Right-padded ``(input_ids, attention_mask)`` batches; texts shorter than 3 tokens are skipped."""
+    """Right-padded ``(input_ids, attention_mask)`` batches ``[B, T]``; texts shorter than 3 tokens are skipped."""
     rows: list[list[int]] = []
-
-    def flush():
-        return pad_batch(rows, pad_id)
-
     for text in texts:
         if not isinstance(text, str) or not text.strip():
             continue
@@ -158,10 +93,10 @@ def _token_batches(tokenizer, texts: Iterable[str], context_length: int, batch_s
             continue
         rows.append(list(ids))
         if len(rows) == batch_size:
-            yield flush()
+            yield pad_batch(rows, pad_id)
             rows = []
     if rows:
-        yield flush()
+        yield pad_batch(rows, pad_id)
 
 
 def _ce_sums(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
@@ -173,55 +108,75 @@ def _ce_sums(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) 
     return float(losses[valid].sum()), int(valid.sum())
 
 
+def _captured(sink: dict, site: str, layer: int) -> torch.Tensor:
+    """``[B, T, width]`` from a :func:`hooked` sink (``resid_mid`` is summed from its parts)."""
+    if site == "resid_mid":
+        return sink[("resid_pre", layer)] + sink[("attn_out", layer)]
+    return sink[(site, layer)]
+
+
 # --- evaluation -----------------------------------------------------------------------------
+def _forward(model, input_ids, mask):
+    return run_forward(model, input_ids=input_ids, attention_mask=mask)
+
+
+def _model_batch(sae: SAE, lm, splice: Splice, input_ids, mask, compute_ce: bool) -> tuple[torch.Tensor, ...]:
+    """One batch: ``(x [n, d_in], y [n, d_out])`` at real positions >= 1, and the three outputs (or None)."""
+    anatomy, model = lm.anatomy, lm.model
+    wanted: dict[str, list[int]] = {splice.in_site: [splice.in_layer]}
+    wanted.setdefault(splice.out_site, [])
+    wanted[splice.out_site] = sorted({*wanted[splice.out_site], splice.out_layer})
+    sink: dict = {}
+    spliced = zeroed = None
+    with lm.lock:
+        with hooked(anatomy, wanted, sink, stop_early=not compute_ce):
+            clean = _forward(model, input_ids, mask)
+        if compute_ce:
+            with splice_sae(anatomy, sae, splice):
+                spliced = _forward(model, input_ids, mask)
+            with replace_site(anatomy, splice.out_site, splice.out_layer, torch.zeros_like):
+                zeroed = _forward(model, input_ids, mask)
+    keep = mask[:, 1:].bool()
+    x = _captured(sink, splice.in_site, splice.in_layer)[:, 1:][keep].to(sae.W_enc.dtype)
+    y = _captured(sink, splice.out_site, splice.out_layer)[:, 1:][keep].to(sae.W_enc.dtype)
+    return x, y, clean, spliced, zeroed
+
+
 @torch.no_grad()
 def evaluate_with_model(sae: SAE, lm, texts: Iterable[str], *, site: str | None = None, layer: int | None = None,
-                        max_tokens: int = 16_384, context_length: int = 128, batch_size: int = 4,
-                        compute_ce: bool = True, n_bins: int = 30, progress: Progress | None = None) -> dict:
-    """Report card from held-out ``texts`` run through ``lm``: reconstruction stats and CE loss recovered."""
-    anatomy = lm.anatomy
-    site, layer = check_attachable(sae, anatomy, site, layer)
+                        out_site: str | None = None, out_layer: int | None = None, max_tokens: int = 16_384,
+                        context_length: int = 128, batch_size: int = 4, compute_ce: bool = True, n_bins: int = 30,
+                        progress: Progress | None = None) -> dict:
+    """Report card from held-out ``texts`` run through ``lm``: reconstruction stats and CE loss recovered.
+
+    ``site``/``layer`` (and for a transcoder ``out_site``/``out_layer``) override the config's hooks.
+    """
+    splice = resolve_splice(sae, lm.anatomy, site, layer, out_site, out_layer)
     sae = sae.to(lm.device).eval()
     stats = ReconStats(sae.d_sae, lm.device)
     ce = {"clean": [0.0, 0], "spliced": [0.0, 0], "zero_ablated": [0.0, 0]}
     tokenizer = lm.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    say = progress or (lambda fraction, message: None)
-    replacement = sae_replacement(sae)
-    model = lm.model
     for input_ids, mask in _token_batches(tokenizer, texts, context_length, batch_size, pad_id):
         if stats.n >= max_tokens:
             break
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
-        sink: dict = {}
-        with lm.lock:
-            with hooked(anatomy, {site: [layer]}, sink, stop_early=not compute_ce):
-                clean = _forward(model, input_ids, mask)
-            if compute_ce:
-                with replace_site(anatomy, site, layer, replacement):
-                    spliced = _forward(model, input_ids, mask)
-                with replace_site(anatomy, site, layer, torch.zeros_like):
-                    zeroed = _forward(model, input_ids, mask)
-        acts_in = sink[(site, layer)][:, 1:]
-        keep = mask[:, 1:].bool()
-        x = acts_in[keep].to(sae.W_enc.dtype)
-        x_hat, acts = sae.reconstruct(x)
-        stats.update(x, x_hat, acts)
+        x, y, *outs = _model_batch(sae, lm, splice, input_ids, mask, compute_ce)
+        y_hat, acts = sae.reconstruct(x)
+        stats.update(y, y_hat, acts)
         if compute_ce:
-            for name, out in (("clean", clean), ("spliced", spliced), ("zero_ablated", zeroed)):
+            for name, out in zip(ce, outs):
                 total, count = _ce_sums(out.logits, input_ids, mask)
                 ce[name][0] += total
                 ce[name][1] += count
-        say(min(1.0, stats.n / max_tokens), f"evaluated {stats.n:,} tokens")
-    report = stats.result(n_bins)
-    report["ce"] = _ce_report(ce) if compute_ce else None
-    report.update(site=site, layer=layer, model=getattr(lm, "name", None), source="model")
-    report["sae"] = describe(sae)
-    return report
-
-
-def _forward(model, input_ids, mask):
-    return run_forward(model, input_ids=input_ids, attention_mask=mask)
+        report(progress, stats.n / max_tokens, f"evaluated {stats.n:,} tokens")
+    result = stats.result(n_bins)
+    result["ce"] = _ce_report(ce) if compute_ce else None
+    result.update(site=splice.in_site, layer=splice.in_layer, model=getattr(lm, "name", None), source="model")
+    if sae.is_transcoder:
+        result.update(site_out=splice.out_site, layer_out=splice.out_layer)
+    result["sae"] = describe(sae)
+    return result
 
 
 def _ce_report(ce: dict) -> dict:
@@ -234,34 +189,47 @@ def _ce_report(ce: dict) -> dict:
             "recovered": recovered, "n_targets": ce["clean"][1]}
 
 
+def _store_splice(sae: SAE, store, site, layer, out_site, out_layer) -> Splice:
+    site, layer = pick_site(sae.cfg.site, site, layer)
+    out_site, out_layer = pick_site(sae.cfg.output_site, out_site, out_layer) if sae.is_transcoder else (site, layer)
+    for s, lay in ((site, layer), (out_site, out_layer)):
+        if s not in store.sites or lay not in list(store.layers):
+            raise SAEEvalError(f"The activation store holds no {s} activations for layer {lay}.")
+    return Splice(site, layer, out_site, out_layer)
+
+
 @torch.no_grad()
 def evaluate_on_store(sae: SAE, store, *, site: str | None = None, layer: int | None = None,
-                      max_tokens: int = 65_536, batch_size: int = 4096, n_bins: int = 30,
-                      progress: Progress | None = None) -> dict:
-    """Reconstruction and sparsity stats from cached activations (no model needed, no CE loss)."""
-    if site is None or layer is None:
-        cfg_site, cfg_layer = sae.cfg.site()
-        site = site or cfg_site
-        layer = cfg_layer if layer is None else layer
-    if site not in store.sites or layer not in list(store.layers):
-        raise SAEEvalError(f"The activation store holds no {site} activations for layer {layer}.")
+                      out_site: str | None = None, out_layer: int | None = None, max_tokens: int = 65_536,
+                      batch_size: int = 4096, n_bins: int = 30, progress: Progress | None = None) -> dict:
+    """Reconstruction and sparsity stats from cached activations (no model needed, no CE loss).
+
+    For a transcoder the store must hold both its input and its output site (rows are paired).
+    """
+    splice = _store_splice(sae, store, site, layer, out_site, out_layer)
     stats = ReconStats(sae.d_sae)
-    say = progress or (lambda fraction, message: None)
     sae = sae.to("cpu").eval()
-    for batch in store.iter_batches(site, layer, batch_size, shuffle=False, dtype=torch.float32):
-        if batch.shape[-1] != sae.d_in:
-            raise SAECompatibilityError(f"The SAE expects d_in={sae.d_in} but the store's {site} activations "
-                                        f"have width {batch.shape[-1]}.")
-        batch = batch[: max_tokens - stats.n]
-        x_hat, acts = sae.reconstruct(batch)
-        stats.update(batch, x_hat, acts)
-        say(min(1.0, stats.n / max_tokens), f"evaluated {stats.n:,} tokens")
+    inputs = store.iter_batches(splice.in_site, splice.in_layer, batch_size, shuffle=False, dtype=torch.float32)
+    targets = inputs if splice.same_site else store.iter_batches(splice.out_site, splice.out_layer, batch_size,
+                                                                 shuffle=False, dtype=torch.float32)
+    for x in inputs:
+        y = x if splice.same_site else next(targets)
+        if x.shape[-1] != sae.d_in or y.shape[-1] != sae.d_out:
+            raise SAECompatibilityError(f"The SAE maps width {sae.d_in} to {sae.d_out}, but the store's activations "
+                                        f"have widths {x.shape[-1]} and {y.shape[-1]}.")
+        x, y = x[: max_tokens - stats.n], y[: max_tokens - stats.n]
+        y_hat, acts = sae.reconstruct(x)
+        stats.update(y, y_hat, acts)
+        report(progress, stats.n / max_tokens, f"evaluated {stats.n:,} tokens")
         if stats.n >= max_tokens:
             break
-    report = stats.result(n_bins)
-    report.update(ce=None, site=site, layer=layer, model=getattr(store, "model_name", None), source="store")
-    report["sae"] = describe(sae)
-    return report
+    result = stats.result(n_bins)
+    result.update(ce=None, site=splice.in_site, layer=splice.in_layer, model=getattr(store, "model_name", None),
+                  source="store")
+    if sae.is_transcoder:
+        result.update(site_out=splice.out_site, layer_out=splice.out_layer)
+    result["sae"] = describe(sae)
+    return result
 
 
 def report_to_json(report: dict) -> dict:

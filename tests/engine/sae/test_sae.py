@@ -6,18 +6,11 @@ import json
 import pytest
 import torch
 
-from engine.sae.base import (
-    SAE,
-    SAECompatibilityError,
-    SAEConfig,
-    SAELoadError,
-    check_attachable,
-    hook_name_to_site,
-    load_sae,
-    load_sparsity,
-    save_sae,
-    site_to_hook_name,
-)
+from engine.sae.attach import check_attachable
+from engine.sae.base import SAE, SAECompatibilityError, SAEConfig, SAELoadError
+from engine.sae.hooks import hook_name_to_site, site_to_hook_name
+from engine.sae.io import load_sae, load_sparsity, save_sae
+from engine.sae.topk import TopKSAE
 
 D_IN, D_SAE = 8, 16
 
@@ -197,7 +190,8 @@ def test_saved_config_is_readable_by_saelens_field_names(tmp_path):
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
     assert cfg["latent_explorer"]["site"] == "resid_post"
     assert set(cfg["metadata"]) <= {"model_name", "hook_name", "context_size", "prepend_bos", "dataset_path",
-                                    "hook_layer"}
+                                    "hook_layer", "sae_lens_version"}
+    assert cfg["metadata"]["sae_lens_version"] >= "6"  # SAELens >= 6 reads nested metadata only then
 
 
 # --- hook names ---------------------------------------------------------------------------------
@@ -293,7 +287,7 @@ def test_replace_site_edits_the_right_activation_and_removes_hooks(arch, tokeniz
     from engine.core.capture import capture
     from engine.core.models import from_model
     from engine.core.tiny import build_tiny
-    from engine.sae.evaluation import replace_site
+    from engine.sae.splice import replace_site
 
     tiny_lm = from_model(*build_tiny(arch, tokenizer), name=f"tiny-{arch}", check=False)
     anatomy = tiny_lm.anatomy
@@ -317,7 +311,7 @@ def test_replace_site_edits_the_right_activation_and_removes_hooks(arch, tokeniz
 
 
 def test_hooks_removed_when_forward_raises(tiny_llama):
-    from engine.sae.evaluation import replace_site
+    from engine.sae.splice import replace_site
 
     def boom(hidden):
         raise RuntimeError("boom")
@@ -332,7 +326,7 @@ def test_hooks_removed_when_forward_raises(tiny_llama):
     assert hook_count() == before
 
 
-class _IdentitySAE(SAE):
+class _IdentitySAE(TopKSAE):
     """Exact reconstruction: splicing it in must not change the loss."""
 
     def forward(self, x):

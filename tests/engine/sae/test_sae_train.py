@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from engine.sae.base import load_sae, load_sparsity
-from engine.sae.training import SAETrainError, TrainConfig, geometric_median, train_sae
+from engine.sae.io import load_sae, load_sparsity
+from engine.sae.training import SAETrainConfig, SAETrainError, geometric_median, train_sae
 
 
 def synthetic(n: int, d: int = 32, m: int = 64, active: int = 3, seed: int = 12345):
@@ -30,7 +30,7 @@ def recovered(sae, directions: torch.Tensor, threshold: float = 0.9) -> float:
                                                  ("standard", {"l1_coefficient": 1.0}, 96_000)])
 def test_training_recovers_known_sparse_directions(arch, extra, tokens):
     data, directions = synthetic(24_000)
-    config = TrainConfig(architecture=arch, d_sae=128, batch_size=128, total_tokens=tokens, lr=1e-2,
+    config = SAETrainConfig(architecture=arch, d_sae=128, batch_size=128, total_tokens=tokens, lr=1e-2,
                          warmup_steps=20, log_every=20, **extra)
     result = train_sae(data, None, config=config)
     assert recovered(result.sae, directions) > 0.9
@@ -39,14 +39,14 @@ def test_training_recovers_known_sparse_directions(arch, extra, tokens):
     if arch == "topk":
         assert final["l0"] <= 3
     # the criterion is not trivially met: the same SAE before training recovers almost nothing
-    untrained = train_sae(data, None, config=TrainConfig(architecture=arch, d_sae=128, batch_size=256,
+    untrained = train_sae(data, None, config=SAETrainConfig(architecture=arch, d_sae=128, batch_size=256,
                                                          total_tokens=256, lr=1e-9, **extra)).sae
     assert recovered(untrained, directions) < 0.2
 
 
 def test_decoder_rows_unit_norm_and_folded_scale():
     data, _ = synthetic(4096)
-    config = TrainConfig(d_sae=64, k=3, batch_size=256, total_tokens=4096, lr=1e-2)
+    config = SAETrainConfig(d_sae=64, k=3, batch_size=256, total_tokens=4096, lr=1e-2)
     small = train_sae(data, None, config=config).sae
     big = train_sae(data * 50.0, None, config=config).sae  # the input scale is folded into the saved weights
     norms = big.W_dec.norm(dim=-1)
@@ -67,7 +67,7 @@ def test_dead_latents_are_revived_by_aux_loss():
     data, directions = synthetic(24_000, m=128, active=3)
 
     def run(aux: float):
-        config = TrainConfig(d_sae=128, k=3, batch_size=128, total_tokens=48_000, lr=3e-2, warmup_steps=10,
+        config = SAETrainConfig(d_sae=128, k=3, batch_size=128, total_tokens=48_000, lr=3e-2, warmup_steps=10,
                              aux_k_coefficient=aux, dead_window_tokens=2048, log_every=25)
         result = train_sae(data, None, config=config)
         return result.history[-1]["dead_fraction"], recovered(result.sae, directions)
@@ -80,7 +80,7 @@ def test_dead_latents_are_revived_by_aux_loss():
 def test_interrupted_run_resumes_to_identical_weights(tmp_path):
     data, _ = synthetic(4096)
     batches = list(data.split(256))
-    config = TrainConfig(d_sae=64, k=3, batch_size=256, total_tokens=256 * 30, lr=1e-3, warmup_steps=5,
+    config = SAETrainConfig(d_sae=64, k=3, batch_size=256, total_tokens=256 * 30, lr=1e-3, warmup_steps=5,
                          checkpoint_every=10, log_every=5, init_sample_tokens=512)
     full = train_sae(batches, tmp_path / "full", config=config)
 
@@ -105,13 +105,13 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
 
 def test_bad_training_input():
     with pytest.raises(SAETrainError, match="topk' and 'standard"):
-        train_sae([torch.zeros(4, 4)], None, config=TrainConfig(architecture="jumprelu"))
+        train_sae([torch.zeros(4, 4)], None, config=SAETrainConfig(architecture="jumprelu"))
     with pytest.raises(SAETrainError, match="empty"):
         train_sae([], None)
     with pytest.raises(SAETrainError, match="2-D floating-point"):
         train_sae([torch.zeros(4, 4, dtype=torch.long)], None)
     with pytest.raises(SAETrainError, match="learning rate"):
-        train_sae([torch.zeros(4, 4)], None, config=TrainConfig(lr=-1.0))
+        train_sae([torch.zeros(4, 4)], None, config=SAETrainConfig(lr=-1.0))
 
 
 # --- with the activation store ------------------------------------------------------------------
@@ -120,16 +120,16 @@ TEXTS = [f"Document {i}: the cat sat on the mat while the dog barked at number {
 
 @pytest.fixture
 def tiny_store(tiny_llama, tmp_path):
-    store_mod = pytest.importorskip("engine.data.store")
+    store_mod = pytest.importorskip("engine.data.store_writer")
     return store_mod.build_store(tiny_llama, TEXTS[:30], tmp_path / "store", layers=[1], max_tokens=1500,
                                  context_length=32, corpus_spec="")
 
 
 def test_train_from_store_and_evaluate(tiny_llama, tiny_store, tmp_path):
-    from engine.sae.base import check_attachable
+    from engine.sae.attach import check_attachable
     from engine.sae.evaluation import evaluate_on_store, evaluate_with_model
 
-    config = TrainConfig(d_sae=128, k=8, batch_size=128, total_tokens=3000, lr=1e-3, warmup_steps=5, log_every=5)
+    config = SAETrainConfig(d_sae=128, k=8, batch_size=128, total_tokens=3000, lr=1e-3, warmup_steps=5, log_every=5)
     result = train_sae(tiny_store, tmp_path / "sae", site="resid_post", layer=1, config=config)
     assert result.tokens >= 3000 > tiny_store.n_tokens  # more than one epoch
     sae = load_sae(tmp_path / "sae")
@@ -183,7 +183,7 @@ def test_cli_train_eval_info(tiny_store, tmp_path, capsys, monkeypatch):
 def test_jobs_section_trains_and_shows_report_card(tiny_llama, tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    store_mod = pytest.importorskip("engine.data.store")
+    store_mod = pytest.importorskip("engine.data.store_writer")
     monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(tmp_path / "cache"))
     store_mod.build_store(tiny_llama, TEXTS[:30], tmp_path / "cache" / "activations" / "tiny", layers=[1, 2],
                           max_tokens=1200, context_length=32, corpus_spec="")
