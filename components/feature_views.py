@@ -12,6 +12,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from components.lens_plots import show_token
+from engine.sae.metrics import DEAD_DENSITY
 
 HIGHLIGHT_RGB = (255, 120, 0)
 
@@ -71,7 +72,7 @@ def logit_table(logits: pd.DataFrame) -> pd.DataFrame:
 
 
 def density_text(density: float) -> str:
-    if density <= 0:
+    if density <= DEAD_DENSITY:
         return "dead"
     return f"{100 * density:.3g} % of tokens (1 in {1 / density:,.0f})"
 

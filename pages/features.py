@@ -190,7 +190,7 @@ with tab_feature:
             neighbours = data["neighbours"]
             cols = st.columns(5)
             for i, row in enumerate(neighbours.itertuples()):
-                label = " | ".join(str(row.act_tokens).split(" | ")[:2]) or "dead"
+                label = " | ".join(str(row.act_tokens).split(" | ")[:2]) or "(no top tokens)"
                 cols[i % 5].button(f"#{row.neighbour} · {row.cosine:.2f} · {show_token(label, 18)}",
                                    key=f"neighbour_{i}", on_click=_open_feature, args=(int(row.neighbour),))
             cooccurring = data["cooccurring"]
@@ -198,7 +198,7 @@ with tab_feature:
                 st.markdown("**Fires together with** (Jaccard index of the tokens each fires on)")
                 cols = st.columns(5)
                 for i, row in enumerate(cooccurring.itertuples()):
-                    label = " | ".join(str(row.act_tokens).split(" | ")[:2]) or "dead"
+                    label = " | ".join(str(row.act_tokens).split(" | ")[:2]) or "(no top tokens)"
                     cols[i % 5].button(f"#{row.other} · {row.jaccard:.2f} · {show_token(label, 18)}",
                                        key=f"cooccur_{i}", on_click=_open_feature, args=(int(row.other),),
                                        help=f"both fire on {row.together:,} tokens")

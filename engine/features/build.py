@@ -25,7 +25,6 @@ from engine.features.accumulate import FeatureAccumulator
 from engine.features.decoder import decoder_neighbours, logit_effects
 from engine.features.folder import (
     DASHBOARD_FORMAT,
-    DENSE_DENSITY,
     MANIFEST,
     TABLES,
     DashboardError,
@@ -34,6 +33,7 @@ from engine.features.folder import (
     sae_digest,
     write_parquet,
 )
+from engine.sae.metrics import is_dead, is_dense
 
 if TYPE_CHECKING:
     from engine.core.models import LoadedModel
@@ -267,8 +267,8 @@ def _write_tables(out: Path, acc: FeatureAccumulator, store: ActivationStore, to
     top_words = [[words[int(i)].strip() for i in row] for row in logits["top_ids"][:, :5].tolist()]
     bottom_words = [[words[int(i)].strip() for i in row] for row in logits["bottom_ids"][:, :5].tolist()]
     write_parquet({"feature": torch.arange(d_sae), "count": count, "density": density, "max_act": maxes,
-                   "mean_act": mean.float(), "dead": (count == 0).numpy(),
-                   "dense": (density > DENSE_DENSITY).numpy(),
+                   "mean_act": mean.float(), "dead": is_dead(density).numpy(),
+                   "dense": is_dense(density).numpy(),
                    "act_tokens": [" | ".join(t) for t in act_tokens],
                    "top_logits": [" | ".join(t) for t in top_words],
                    "bottom_logits": [" | ".join(t) for t in bottom_words]}, out / "features.parquet")

@@ -17,11 +17,11 @@ import torch
 from engine.core.devices import to_host
 from engine.core.errors import UserError
 from engine.core.fileio import atomic_write, sha256_file
+from engine.sae.metrics import DENSE_DENSITY  # noqa: F401  (one definition, re-used by the pages)
 
 DASHBOARD_FORMAT = 2
 MANIFEST = "manifest.json"
 TABLES = ("features", "histograms", "top_examples", "intervals", "logits", "neighbours", "cooccurrence")
-DENSE_DENSITY = 0.01  # features firing on more than 1 % of tokens are "dense" (hidden in the list by default)
 
 
 class DashboardError(UserError):
