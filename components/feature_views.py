@@ -97,3 +97,70 @@ def feature_map_figure(coords: pd.DataFrame, color: Sequence[float], color_title
     fig.update_layout(height=560, margin=dict(l=10, r=10, t=30, b=10), showlegend=False,
                       xaxis=dict(showticklabels=False), yaxis=dict(showticklabels=False), dragmode="pan")
     return fig
+
+
+# --- words next to feature ids: cheap labels, explanations and their scores ---------------------------
+SCORE_COLUMNS = ("explanation", "explainer", "detection", "detection_n", "fuzzing", "fuzzing_n", "scored_by")
+
+
+def feature_name(feature: int, label: str | None = "", limit: int = 48) -> str:
+    """``#12 · Paris, London · →city`` (the label cut to ``limit`` characters), or ``#12`` without a label."""
+    label = " ".join(str(label or "").split())
+    if len(label) > limit:
+        label = label[: limit - 1] + "…"
+    return f"#{int(feature)} · {label}" if label else f"#{int(feature)}"
+
+
+def short_label(label: str | None, act_tokens: str | None = None, limit: int = 18) -> str:
+    """A button-sized label: the cheap label, else the dashboard's first two activating tokens."""
+    text = " ".join(str(label or "").split(" · ")[0].split())
+    if not text:
+        text = ", ".join(show_token(t, limit) for t in str(act_tokens or "").split(" | ")[:2] if t.strip())
+    if not text:
+        return "(no top tokens)"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def feature_words(explanations: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """One row per explained or scored feature, columns ``feature`` + :data:`SCORE_COLUMNS`: its newest
+    explanation, and the newest successful scores of that explanation's explainer (else of any explainer, whose
+    name is then in ``scored_by``; the scored explanation stands in when the feature has no explanation)."""
+    shown = explanations[["feature", "explanation", "explainer"]].astype({"feature": int})
+    ok = scores[scores["error"].fillna("") == ""].astype({"feature": int})
+    pairs = set(zip(shown["feature"], shown["explainer"]))
+    ok = ok.assign(_same=[(f, e) in pairs for f, e in zip(ok["feature"], ok["explainer"])])
+    ok = ok.sort_values(["feature", "_same", "time"], kind="stable").groupby("feature", as_index=False).tail(1)
+    best = ok[["feature", "explainer", "explanation", "detection", "detection_n", "fuzzing", "fuzzing_n"]].rename(
+        columns={"explainer": "scored_by", "explanation": "scored_text"})
+    out = shown.merge(best, on="feature", how="outer")
+    out["explanation"] = out["explanation"].fillna(out["scored_text"]).fillna("")
+    out["explainer"] = out["explainer"].fillna(out["scored_by"]).fillna("")
+    out["scored_by"] = out["scored_by"].fillna("")
+    for column in ("detection", "detection_n", "fuzzing", "fuzzing_n"):
+        out[column] = pd.to_numeric(out[column], errors="coerce")
+    return out[["feature", *SCORE_COLUMNS]].sort_values("feature").reset_index(drop=True)
+
+
+def score_text(value, n) -> str:
+    """``0.85 (20 trials)``; ``n/a`` without a score."""
+    if value is None or pd.isna(value):
+        return "n/a"
+    trials = "" if n is None or pd.isna(n) else f" ({int(n)} trials)"
+    return f"{float(value):.2f}{trials}"
+
+
+def with_words(table: pd.DataFrame, labels: dict[int, str], words: pd.DataFrame, *, sort: str | None = None,
+               descending: bool = True, min_detection: float = 0.0, limit: int = 1000) -> pd.DataFrame:
+    """The feature list with ``label`` and (when any exist) explanation and score columns; ``min_detection``
+    keeps features whose detection score reaches it, ``sort`` (``detection`` or ``fuzzing``) re-sorts by that
+    score (features without one last)."""
+    out = table.assign(label=[labels.get(int(f), "") for f in table["feature"]])
+    if len(words):
+        out = out.merge(words, on="feature", how="left")
+        out[["explanation", "explainer"]] = out[["explanation", "explainer"]].fillna("")
+    if min_detection > 0:
+        out = out[out["detection"].fillna(-1.0) >= float(min_detection)] if "detection" in out else out.iloc[:0]
+    if sort in ("detection", "fuzzing") and sort in out:
+        out = out.sort_values([sort, "feature"], ascending=[not descending, True], na_position="last",
+                              kind="stable")
+    return out.head(int(limit)).reset_index(drop=True)

@@ -1,7 +1,9 @@
-"""SAE features: the feature browser (list, feature page, what fires on my text, feature map).
+"""SAE features: the feature browser (search, list, feature page, what fires on my text, feature map).
 
 Reads dashboards built by :mod:`engine.features.build` (Jobs & data page or ``python -m engine dashboards``).
 Query parameters ``sae`` (SAE folder name or dashboard folder name) and ``feature`` open a feature directly.
+Every feature id comes with its cheap label (:mod:`engine.autointerp.labels`, built on a dashboard's first open),
+and with its explanation and scores once explained (:mod:`components.autointerp_ui`).
 """
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from components.autointerp_ui import explain_panel, explained, explanation_block, feature_labels, search_panel
 from components.feature_views import (
     density_text,
     feature_map_figure,
     highlight_tokens_html,
     histogram_figure,
     logit_table,
+    short_label,
+    with_words,
 )
 from components.lens_plots import show_token
 from components.session import cache_key, current_model, selected_customdata, show_user_error
@@ -28,6 +33,7 @@ from engine.features.text import text_activations
 
 SORTS = {"density": "density", "max activation": "max_act", "mean activation": "mean_act", "feature id": "feature",
          "top logit token": "top_logits"}
+SCORE_SORTS = {"detection score": "detection", "fuzzing score": "fuzzing"}  # offered once scores exist
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France."
 
 
@@ -80,6 +86,14 @@ def _text_acts(path: str, stamp: float, model: str, text: str, _lm) -> tuple[lis
     return tokens, acts.numpy()  # float32 on the host (text_activations sends it through to_host)
 
 
+def _names(features) -> dict[int, str]:
+    """Labels of a few features: the cheap label, else the dashboard's top activating tokens."""
+    ids = tuple(sorted({int(f) for f in features}))
+    missing = tuple(f for f in ids if not labels_of.get(f))
+    tokens = _labels(path, stamp, missing) if missing else {}
+    return {f: labels_of.get(f) or tokens.get(f, "") for f in ids}
+
+
 def _open_feature(feature: int) -> None:
     """Callback: show ``feature`` on the Feature tab (applied before its widget is drawn)."""
     st.session_state["_features_pending"] = int(feature)
@@ -114,8 +128,11 @@ except UserError as exc:
     show_user_error(exc)
     st.stop()
 params["sae"] = entry["manifest"]["sae_name"]
+labels_of = feature_labels(path, stamp, lm.tokenizer)  # {feature: label}; built on this dashboard's first open
+words = explained(path)  # explanations and scores, one row per explained feature
 st.caption(f"{summary['features']:,} features · {summary['tokens']:,} tokens · {summary['dead']:,} dead · "
-           f"{summary['dense']:,} dense (>{100 * DENSE_DENSITY:g} %) · store `{Path(dash.manifest['store_path']).name}`")
+           f"{summary['dense']:,} dense (>{100 * DENSE_DENSITY:g} %) · store `{Path(dash.manifest['store_path']).name}`"
+           + (f" · {len(words):,} explained" if len(words) else ""))
 
 # the feature shown: query param on first load, then the number input; clicks elsewhere go through _pending
 if "feature_id" not in st.session_state:
@@ -127,9 +144,11 @@ if "feature_id" not in st.session_state:
         st.session_state["feature_id"] = None
 if "_features_pending" in st.session_state:
     st.session_state["feature_id"] = st.session_state.pop("_features_pending")
+    st.session_state["features_tab"] = "Feature"  # a feature opened from a list, the map or a search: show it
 
+search_panel(path, stamp, lm=lm, model=cache_key(lm), sae=dash.sae, labels=labels_of, open_feature=_open_feature)
 tab_feature, tab_list, tab_text, tab_map = st.tabs(["Feature", "Feature list", "What fires on my text",
-                                                    "Feature map"])
+                                                    "Feature map"], key="features_tab", on_change="rerun")
 
 # --- feature page -----------------------------------------------------------------------------
 with tab_feature:
@@ -146,8 +165,9 @@ with tab_feature:
         if data is not None:
             params["feature"] = str(int(feature))
             stats = data["stats"]
-            st.subheader(f"Feature #{int(feature)}" + (f" — {stats['act_tokens'].split(' | ')[0]}"
-                                                          if stats["act_tokens"] else ""))
+            title = labels_of.get(int(feature)) or (stats["act_tokens"] or "").split(" | ")[0]
+            st.subheader(f"Feature #{int(feature)}" + (f" — {title}" if title else ""))
+            explanation_block(int(feature), words, path)
             cols = st.columns(4)
             cols[0].metric("Density", f"{100 * stats['density']:.3g} %", help=density_text(stats["density"]))
             cols[1].metric("Max activation", f"{stats['max_act']:.3g}")
@@ -190,18 +210,19 @@ with tab_feature:
             neighbours = data["neighbours"]
             cols = st.columns(5)
             for i, row in enumerate(neighbours.itertuples()):
-                label = " | ".join(str(row.act_tokens).split(" | ")[:2]) or "(no top tokens)"
-                cols[i % 5].button(f"#{row.neighbour} · {row.cosine:.2f} · {show_token(label, 18)}",
-                                   key=f"neighbour_{i}", on_click=_open_feature, args=(int(row.neighbour),))
+                label = labels_of.get(int(row.neighbour), "")
+                cols[i % 5].button(f"#{row.neighbour} · {row.cosine:.2f} · {short_label(label, row.act_tokens)}",
+                                   key=f"neighbour_{i}", on_click=_open_feature, args=(int(row.neighbour),),
+                                   help=label or None)
             cooccurring = data["cooccurring"]
             if len(cooccurring):
                 st.markdown("**Fires together with** (Jaccard index of the tokens each fires on)")
                 cols = st.columns(5)
                 for i, row in enumerate(cooccurring.itertuples()):
-                    label = " | ".join(str(row.act_tokens).split(" | ")[:2]) or "(no top tokens)"
-                    cols[i % 5].button(f"#{row.other} · {row.jaccard:.2f} · {show_token(label, 18)}",
+                    label = labels_of.get(int(row.other), "")
+                    cols[i % 5].button(f"#{row.other} · {row.jaccard:.2f} · {short_label(label, row.act_tokens)}",
                                        key=f"cooccur_{i}", on_click=_open_feature, args=(int(row.other),),
-                                       help=f"both fire on {row.together:,} tokens")
+                                       help=(f"{label} · " if label else "") + f"both fire on {row.together:,} tokens")
             test_text = st.text_input("Test this feature on your text", key="feature_test_text",
                                       placeholder="type a sentence and press Enter")
             if test_text.strip():
@@ -216,16 +237,25 @@ with tab_feature:
 
 # --- feature list -----------------------------------------------------------------------------
 with tab_list:
-    cols = st.columns([3, 2, 1, 2, 2])
+    scored = bool(len(words)) and bool(words[["detection", "fuzzing"]].notna().any().any())
+    sorts = {**SORTS, **(SCORE_SORTS if scored else {})}
+    cols = st.columns([3, 2, 1.4, 2, 2] + ([2] if scored else []))
     search = cols[0].text_input("Search tokens and logits", key="features_search",
                                 placeholder="a word, or a feature id")
-    sort = cols[1].selectbox("Sort by", list(SORTS), key="features_sort")
+    sort = cols[1].selectbox("Sort by", list(sorts), key="features_sort")
     descending = cols[2].toggle("Descending", value=True, key="features_desc")
     hide_dense = cols[3].checkbox(f"Hide dense (>{100 * DENSE_DENSITY:g} %)", value=True, key="features_hide_dense")
     min_max = cols[4].number_input("Min max activation", min_value=0.0, value=0.0, key="features_min_max")
+    min_detection = cols[5].slider("Min detection score", 0.0, 1.0, 0.0, 0.05, key="features_min_detection",
+                                   help="keep explained features whose detection score reaches this (0.5 is "
+                                        "chance)") if scored else 0.0
+    by_score = sort in SCORE_SORTS or min_detection > 0  # the score filter and sort need every row
     try:
-        table = _feature_table(path, stamp, sort=SORTS[sort], descending=descending, hide_dense=hide_dense,
-                               min_max_act=min_max, search=search)
+        table = _feature_table(path, stamp, sort="feature" if sort in SCORE_SORTS else SORTS[sort],
+                               descending=descending, hide_dense=hide_dense, min_max_act=min_max, search=search,
+                               limit=max(summary["features"], 1) if by_score else 1000)
+        table = with_words(table, labels_of, words, sort=SCORE_SORTS.get(sort), descending=descending,
+                           min_detection=min_detection)
     except UserError as exc:
         show_user_error(exc)
         table = pd.DataFrame()
@@ -233,21 +263,30 @@ with tab_list:
     if len(table):
         shown = table.assign(density=100 * table["density"], link=[f"?sae={params['sae']}&feature={f}"
                                                                     for f in table["feature"]])
+        extra = [c for c in ("explanation", "detection", "fuzzing") if c in shown and shown[c].notna().any()
+                 and (shown[c] != "").any()]
         event = st.dataframe(
-            shown[["feature", "density", "max_act", "mean_act", "act_tokens", "top_logits", "bottom_logits", "link"]],
+            shown[["feature", "label", *extra, "density", "max_act", "mean_act", "act_tokens", "top_logits",
+                   "bottom_logits", "link"]],
             hide_index=True, on_select="rerun", selection_mode="single-row", key="features_table", height=460,
-            column_config={"density": st.column_config.NumberColumn("density %", format="%.3g"),
+            column_config={"label": st.column_config.TextColumn("label", width="medium"),
+                           "explanation": st.column_config.TextColumn("explanation", width="large"),
+                           "detection": st.column_config.NumberColumn("detection", format="%.2f"),
+                           "fuzzing": st.column_config.NumberColumn("fuzzing", format="%.2f"),
+                           "density": st.column_config.NumberColumn("density %", format="%.3g"),
                            "max_act": st.column_config.NumberColumn("max", format="%.3g"),
                            "mean_act": st.column_config.NumberColumn("mean", format="%.3g"),
                            "act_tokens": "top activating tokens", "top_logits": "promotes",
                            "bottom_logits": "suppresses",
                            "link": st.column_config.LinkColumn("link", display_text="open")})
         selected = event.selection.rows if event is not None else []
-        marker = (tuple(selected), search, sort, descending, hide_dense, min_max)
+        marker = (tuple(selected), search, sort, descending, hide_dense, min_max, min_detection)
         if selected and st.session_state.get("_features_list_pick") != marker:
             st.session_state["_features_list_pick"] = marker
             _open_feature(int(table["feature"].iloc[selected[0]]))
             st.rerun()
+    explain_panel(path, dash.d_sae, table["feature"].tolist() if len(table) else [],
+                  st.session_state.get("feature_id"))
     dead = _feature_table(path, stamp, dead=True, sort="feature", descending=False, limit=100_000)
     with st.expander(f"Dead features ({len(dead):,})"):
         st.write(", ".join(map(str, dead["feature"].tolist())) or "none")
@@ -267,7 +306,7 @@ with tab_text:
                                               prefix="strongest feature per token"), unsafe_allow_html=True)
             k = min(3, acts.shape[1])
             top_ids = np.argsort(-acts, axis=1)[:, :k]
-            names_of = _labels(path, stamp, tuple(sorted({int(f) for f in top_ids.reshape(-1)})))
+            names_of = _names(top_ids.reshape(-1).tolist())
             rows = [{"position": i, "token": show_token(tok, 16),
                      **{f"feature {j + 1}": (f"#{top_ids[i, j]} ({acts[i, top_ids[i, j]]:.2f}) "
                                              f"{names_of.get(int(top_ids[i, j]), '')}"
@@ -280,9 +319,12 @@ with tab_text:
             order = np.argsort(-acts[position])[:20]
             order = [int(f) for f in order if acts[position, f] > 0]
             if order:
-                ranked_labels = _labels(path, stamp, tuple(order))
+                ranked_labels = _names(order)
                 ranked = pd.DataFrame({"feature": order, "activation": [float(acts[position, f]) for f in order],
-                                       "top activating tokens": [ranked_labels.get(f, "") for f in order]})
+                                       "label": [ranked_labels.get(f, "") for f in order]})
+                explanations = dict(zip(words["feature"], words["explanation"]))
+                if any(explanations.get(f) for f in order):
+                    ranked["explanation"] = [explanations.get(f, "") for f in order]
                 event = st.dataframe(ranked, hide_index=True, on_select="rerun", selection_mode="single-row",
                                      key="fires_ranked")
                 selected = event.selection.rows if event is not None else []
@@ -314,7 +356,8 @@ with tab_map:
             else:
                 color, title = np.log10(stats["density"].to_numpy() + 1e-7).tolist(), "log10 density"
                 highlight = [int(current)] if current is not None and 0 <= int(current) < dash.d_sae else []
-            labels_map = [str(t).split(" | ")[0] for t in stats["act_tokens"]]
+            labels_map = [labels_of.get(int(f)) or str(t).split(" | ")[0]
+                          for f, t in zip(stats["feature"], stats["act_tokens"])]
             event = st.plotly_chart(feature_map_figure(coords, color, title, labels_map, highlight),
                                     on_select="rerun", selection_mode="points", key="feature_map")
             points = selected_customdata(event)

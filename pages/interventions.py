@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import streamlit as st
 
+from components.autointerp_ui import feature_picker, features_caption
 from components.intervention_plots import (
     DELTA_METRICS,
     delta_lens_heatmap,
@@ -179,7 +180,7 @@ def _builder(lm, key, mid) -> None:
         how = st.radio("Direction from", DIRECTIONS, horizontal=True, key="iv_dir_source")
         if how == "SAE feature":
             st.selectbox("SAE", saes or [""], key="iv_sae", format_func=lambda s: s.split("/")[-1] or "(none)")
-            st.number_input("Feature", min_value=0, step=1, key="iv_feature")
+            feature_picker("Feature", "iv_feature", st.session_state.get("iv_sae") or "", lm)
             st.caption("α is in units of the feature's typical max activation on built-in texts.")
         else:
             a, b = st.columns(2)
@@ -191,6 +192,7 @@ def _builder(lm, key, mid) -> None:
     elif op in ("ablate_features", "clamp_feature"):
         st.selectbox("SAE", saes or [""], key="iv_sae", format_func=lambda s: s.split("/")[-1] or "(none)")
         st.text_input("Features (comma-separated)", key="iv_features")
+        features_caption("iv_features", st.session_state.get("iv_sae") or "", lm, single=op == "clamp_feature")
         if op == "clamp_feature":
             st.number_input("Clamp to", key="iv_value", step=1.0)
         else:
