@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.core.models import load_model  # noqa: E402
 from engine.data.corpora import iter_texts  # noqa: E402
-from engine.data.store import build_store, iter_windows  # noqa: E402
+from engine.data.store_writer import build_store  # noqa: E402
+from engine.data.windows import iter_windows  # noqa: E402
 
 
 def plain_forward(lm, windows, batch_size: int) -> float:
@@ -62,7 +63,8 @@ def main() -> None:
     args = parser.parse_args()
 
     lm = load_model(args.model, device=args.device)
-    windows = [w for _, w, _ in iter_windows(lm.tokenizer, iter_texts("builtin"), args.context_length, args.tokens)]
+    windows = [w for _, w, _ in iter_windows(lm.tokenizer, iter_texts("builtin"), args.context_length,
+                                                max_tokens=args.tokens)]
     n_tokens = sum(len(w) for w in windows)
     print(f"{lm.name} on {lm.device} ({lm.dtype}), {lm.n_layers} layers, d={lm.d_model}; {n_tokens} tokens in "
           f"{len(windows)} windows of <= {args.context_length}, batch {args.batch_size}; torch threads "

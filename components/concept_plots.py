@@ -91,7 +91,12 @@ def geometry_figure(result: dict, height: int = 520) -> go.Figure:
 def probe_figure(curve: dict, height: int = 380) -> go.Figure:
     """Probe accuracy per layer with the chance line and the first layer reaching 90% of the best."""
     layers, accuracy = curve["layers"], curve["accuracy"]
-    fig = go.Figure(go.Scatter(x=layers, y=accuracy, mode="lines+markers", name="probe accuracy"))
+    grouped = curve.get("grouped_by")
+    fig = go.Figure(go.Scatter(x=layers, y=accuracy, mode="lines+markers",
+                               name=f"probe accuracy (folds grouped by {grouped})" if grouped else "probe accuracy"))
+    if curve.get("ungrouped_accuracy"):
+        fig.add_trace(go.Scatter(x=layers, y=curve["ungrouped_accuracy"], mode="lines", line_dash="dot",
+                                 line_color="gray", name=f"ungrouped (same {grouped} in training and test)"))
     fig.add_hline(y=curve["chance"], line_dash="dash", line_color="gray",
                   annotation_text=f"chance {curve['chance']:.2f}", annotation_position="bottom right")
     first = curve.get("first_layer_at_90")
@@ -101,5 +106,7 @@ def probe_figure(curve: dict, height: int = 380) -> go.Figure:
     fig.update_layout(height=height, margin=dict(l=40, r=20, t=40, b=40), yaxis=dict(range=[0, 1.02],
                       title="cross-validated accuracy"), xaxis_title="layer",
                       title=f"Linear probe for '{curve['label']}' ({curve['n_classes']} classes, "
-                            f"{curve['n_points']} points, {curve['folds']}-fold)")
+                            f"{curve['n_points']} points, {curve['folds']}-fold"
+                            f"{f', grouped by {grouped}' if grouped else ''})",
+                      legend=dict(orientation="h", y=-0.2))
     return fig

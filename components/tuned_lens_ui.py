@@ -1,7 +1,7 @@
 """Plotly figures comparing the logit lens and the tuned lens (no model code: they take engine results).
 
 - :func:`comparison_figure`: per layer, KL to the final distribution and next-token cross-entropy
-  for both lenses over held-out text (an :class:`engine.lens.tuned.LensComparison`).
+  for both lenses over held-out text (an :class:`engine.lens.compare.LensComparison`).
 - :func:`disagreement` / :func:`disagreement_heatmap`: per (layer, position) cell of one prompt,
   how much the two lenses' read-outs differ, from two :class:`engine.lens.logit.LensResult` objects of
   the same prompt, rows and positions.

@@ -18,10 +18,9 @@ from engine.core.models import cache_root
 from engine.core.sites import SITES
 from engine.data.corpora import PROMPT_SETS, prompt_set
 from engine.data.store import ActivationStore, list_stores
+from engine.geometry.probes import probe_by_layer
 from engine.geometry.projections import (
     POSITION_MODES,
-    geometry_by_layer,
-    probe_by_layer,
     procrustes_align,
     project,
     prompt_cloud,
@@ -29,6 +28,7 @@ from engine.geometry.projections import (
     umap_ready,
     warm_up_umap,
 )
+from engine.geometry.spread import geometry_by_layer
 
 POSITION_NAMES = {"last": "last token of each prompt", "all": "every token", "mean": "mean over tokens"}
 
@@ -74,8 +74,8 @@ def geometry(spec: tuple, concept_label: str | None, language_label: str | None)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def probes(spec: tuple, label: str) -> dict:
-    return probe_by_layer(_cloud(spec), label).to_json()
+def probes(spec: tuple, label: str, group_label: str | None = None) -> dict:
+    return probe_by_layer(_cloud(spec), label, group_label=group_label).to_json()
 
 
 # --- widgets ------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def geometry_section(spec: tuple, cloud, concept_label: str | None) -> None:
                            mime="text/csv", key="concept_geometry_download")
 
 
-def probe_section(spec: tuple, cloud, default: str) -> None:
+def probe_section(spec: tuple, cloud, default: str, concept_label: str | None) -> None:
     st.caption("Cross-validated logistic-regression accuracy per layer for one label (\"concept depth\").")
     labels = [name for name in cloud.labels if name not in ("text",)]
     label = st.selectbox("Label to probe", labels, index=labels.index(default) if default in labels else 0,
@@ -175,11 +175,15 @@ def probe_section(spec: tuple, cloud, default: str) -> None:
     if st.session_state.get("concept_probe_for") == (spec, label):
         try:
             with st.spinner("Training one probe per layer…"):
-                curve = probes(spec, label)
+                curve = probes(spec, label, concept_label)
         except UserError as exc:
             show_user_error(exc)
             return
         st.plotly_chart(probe_figure(curve), width="stretch", key="concept_probe_chart")
+        if curve.get("grouped_by"):
+            st.caption(f"Folds are grouped by '{curve['grouped_by']}': every translation of a concept is in the same "
+                       "fold, so a probe is never tested on a concept it saw in another language. The dotted line "
+                       "ignores the groups (for comparison only: there the probe can recognise the concept itself).")
 
 
 # --- page ---------------------------------------------------------------------------------
@@ -225,4 +229,4 @@ with tab_projection:
 with tab_geometry:
     geometry_section(spec, cloud, pset.concept_label if pset else None)
 with tab_probe:
-    probe_section(spec, cloud, pset.default_probe if pset else "position")
+    probe_section(spec, cloud, pset.default_probe if pset else "position", pset.concept_label if pset else None)

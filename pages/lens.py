@@ -19,9 +19,10 @@ from components.session import (
 from components.tuned_lens_ui import DISAGREEMENT, comparison_figure, disagreement_heatmap, summary_line
 from engine.core.errors import UserError
 from engine.data.prompt_sets import LANGUAGES
+from engine.lens.compare import compare_lenses
 from engine.lens.latent_language import run_latent_language
 from engine.lens.logit import check_prompt, run_lens
-from engine.lens.tuned import TunedLens, compare_lenses, list_lenses
+from engine.lens.tuned import TunedLens, list_lenses
 
 DEFAULT_PROMPT = "The capital of France is"
 MAX_COLUMNS = 40        # heatmap columns drawn at once; longer prompts get a window slider
@@ -93,7 +94,8 @@ st.text_area("Prompt", key="lens_prompt", height=90,
 c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
 metric = c1.selectbox("Colour cells by", list(METRICS), format_func=METRICS.get, key="lens_metric")
 track_text = c2.text_input("Tracked tokens (comma-separated, spaces matter)", key="lens_track",
-                           help="e.g. ' Paris, Paris, London': the first token of each is followed across layers.")
+                           help="e.g. ' Paris, Paris, London': each is tokenised as the model would write it after "
+                                "the prompt; for a word of several tokens its first token is followed across layers.")
 top_k = c3.number_input("Top-k", min_value=1, max_value=50, key="lens_topk")
 sublayers = c4.toggle("Sub-blocks", key="lens_sublayers", help="Also read out after each attention block.")
 track = tuple(t for t in (part for part in track_text.split(",")) if t.strip())
@@ -155,6 +157,7 @@ with right:
         kind = st.radio("Tracked tokens", ["prob", "rank"], horizontal=True,
                         format_func={"prob": "probability", "rank": "rank"}.get, key="lens_track_kind")
         st.plotly_chart(tracked_lines(result, col, kind), width="stretch")
+        st.caption("Following " + "; ".join(result.tracked_notes))
     else:
         st.info("Add tracked tokens above to follow their probability and rank across layers.")
 

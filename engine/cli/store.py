@@ -6,7 +6,7 @@ from engine.cli.common import add_model_args, emit, load_from_args, progress_bar
 
 def _cache(args) -> int:
     from engine.data.corpora import iter_texts
-    from engine.data.store import build_store, default_store_dir
+    from engine.data.store_writer import build_store, default_store_dir
 
     lm = load_from_args(args)
     texts = iter_texts(args.corpus)
@@ -29,10 +29,14 @@ def _describe(store) -> dict:
 
 def _store_info(args) -> int:
     from engine.data.store import ActivationStore
+    from engine.data.store_admin import remove_stale_temp_files, stale_temp_files
 
     store = ActivationStore.open(args.store, allow_incomplete=True)
     problems = [] if args.no_verify else store.verify()
-    payload = {**_describe(store), "problems": problems}
+    stale = stale_temp_files(store.path)
+    freed = remove_stale_temp_files(store.path) if args.clean else 0
+    payload = {**_describe(store), "problems": problems, "stale_temp_files": [f.name for f in stale],
+               "freed_bytes": freed}
     lines = [f"{store.path}: {store.model_name}, {store.n_tokens:,} tokens, sites {', '.join(store.sites)}, "
              f"layers {store.layers[0]}..{store.layers[-1]} ({len(store.layers)}), {store.manifest['dtype']}, "
              f"{payload['n_shards']} shards, {payload['size_bytes'] / 2**20:.1f} MiB, "
@@ -41,6 +45,9 @@ def _store_info(args) -> int:
     if store.manifest.get("n_clamped"):
         lines.append(f"note: {store.manifest['n_clamped']:,} values exceeded the float16 range and were clamped "
                      "(capture in bfloat16 to keep them)")
+    if stale:
+        lines.append(f"{len(stale)} unfinished shard file(s) left by killed captures" +
+                     (f": removed ({freed / 2**20:.1f} MiB)" if args.clean else "; --clean removes them"))
     lines += ([f"PROBLEM {p}" for p in problems] if problems else
               ["every shard verified against the manifest" if not args.no_verify else "not verified"])
     emit(payload, args.json, "\n".join(lines))
@@ -81,22 +88,27 @@ def _project(args) -> int:
 
 
 def _geometry(args) -> int:
-    from engine.geometry.projections import geometry_by_layer, probe_by_layer
+    from engine.geometry.probes import probe_by_layer
+    from engine.geometry.spread import geometry_by_layer
 
     cloud = _cloud(args)
     with progress_bar("geometry") as progress:
         result = geometry_by_layer(cloud, args.concept_label, args.language_label, progress=progress)
         if args.label:
-            result["probe"] = probe_by_layer(cloud, args.label, folds=args.folds, seed=args.seed,
-                                             progress=progress).to_json()
+            result["probe"] = probe_by_layer(cloud, args.label, folds=args.folds, seed=args.seed, progress=progress,
+                                             group_label=args.concept_label).to_json()
     lines = ["layer  " + "  ".join(result["measures"])]
     for i, layer in enumerate(result["layers"]):
         lines.append(f"{layer:>5}  " + "  ".join(f"{values[i]:.4f}" for values in result["measures"].values()))
     if args.label:
         probe = result["probe"]
-        lines.append(f"probe '{args.label}' (chance {probe['chance']:.3f}): " +
+        grouping = f", folds grouped by '{probe['grouped_by']}'" if probe["grouped_by"] else ""
+        lines.append(f"probe '{args.label}' (chance {probe['chance']:.3f}{grouping}): " +
                      " ".join(f"{a:.3f}" for a in probe["accuracy"]) +
                      f"; first layer at 90% of best: {probe['first_layer_at_90']}")
+        if probe["ungrouped_accuracy"]:
+            lines.append("  ungrouped, for comparison (test points share their concept with training points): " +
+                         " ".join(f"{a:.3f}" for a in probe["ungrouped_accuracy"]))
     emit(result, args.json, "\n".join(lines))
     return 0
 
@@ -134,6 +146,7 @@ def register(sub) -> None:
     p = sub.add_parser("store-info", help="describe a store and verify every shard against its manifest")
     p.add_argument("store")
     p.add_argument("--no-verify", action="store_true", help="skip the checksums")
+    p.add_argument("--clean", action="store_true", help="delete unfinished shard files of killed captures")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_store_info)
 
@@ -149,6 +162,7 @@ def register(sub) -> None:
     _cloud_args(p)
     p.add_argument("--label", default=None, help="label to probe: token/position/doc for stores; prompt-set labels")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--concept-label", default=None, help="with --language-label: translation similarity")
+    p.add_argument("--concept-label", default=None, help="with --language-label: translation similarity; "
+                                                          "also groups the probe's folds by concept")
     p.add_argument("--language-label", default=None)
     p.set_defaults(handler=_geometry)

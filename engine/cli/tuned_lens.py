@@ -23,13 +23,15 @@ def _table(comparison) -> str:
 
 
 def _train(args) -> int:
-    from engine.lens.tuned import TrainConfig, compare_lenses, default_lens_dir, train_tuned_lens
+    from engine.lens.compare import compare_lenses
+    from engine.lens.tuned import default_lens_dir
+    from engine.lens.tuned_train import LensTrainConfig, train_tuned_lens
 
     lm = load_from_args(args)
     out = Path(args.out) if args.out else default_lens_dir(lm.name)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                         optimizer=args.optimizer, lr=args.lr, vocab_subset=args.vocab_subset or None,
-                         heldout_fraction=args.heldout, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    config = LensTrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                             optimizer=args.optimizer, lr=args.lr, vocab_subset=args.vocab_subset or None,
+                             heldout_fraction=args.heldout, checkpoint_every=args.checkpoint_every, seed=args.seed)
     with progress_bar("tuned lens") as progress:
         result = train_tuned_lens(lm, args.corpus, out, config, corpus_name=args.corpus, resume=not args.restart,
                                   progress=progress)
@@ -53,7 +55,8 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from engine.lens.tuned import TunedLens, compare_lenses, default_lens_dir
+    from engine.lens.compare import compare_lenses
+    from engine.lens.tuned import TunedLens, default_lens_dir
 
     lm = load_from_args(args)
     folder = Path(args.lens) if args.lens else default_lens_dir(lm.name)

@@ -1,18 +1,16 @@
-"""Concept space: point clouds of hidden states, PCA/UMAP projections, spread measures, probes.
+"""Concept space: point clouds of hidden states and their PCA/UMAP projections.
 
 A :class:`PointCloud` holds one ``[n_points, width]`` matrix per layer plus per-point labels
 and hover text. It comes from a labelled prompt set captured on the fly
 (:func:`prompt_cloud`) or from a sample of an activation store (:func:`store_cloud`).
 
-Projections: :func:`project` (PCA, or PCA to 50 dimensions then UMAP) and
+Projections: :func:`project` (PCA, or PCA to 50 dimensions then UMAP, cached on disk) and
 :func:`procrustes_align` (rotate/scale one layer's projection onto the previous one so points
 move smoothly while scrubbing). UMAP compiles with numba on first use (25-60 s);
 :func:`warm_up_umap` does that in a background thread.
 
-Spread and geometry per layer (Reliable Measures of Spread in High Dimensional Latent Spaces;
-Mu & Viswanath's isotropy): :func:`average_cosine`, :func:`isotropy_partition`,
-:func:`pca_variance_fraction`, :func:`effective_rank`, and for multilingual sets
-:func:`translation_similarity`. Linear probes per layer: :func:`probe_by_layer`.
+Spread and isotropy per layer: :mod:`engine.geometry.spread`; linear probes per layer ("concept depth"):
+:mod:`engine.geometry.probes`.
 """
 from __future__ import annotations
 
@@ -20,21 +18,30 @@ import hashlib
 import json
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.core.capture import capture, pad_batch
+from engine.core.devices import to_host
 from engine.core.errors import UserError
 from engine.core.fileio import atomic_write
+from engine.core.progress import Progress, report
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from engine.core.models import LoadedModel
+    from engine.data.corpora import PromptSet
+    from engine.data.store import ActivationStore
 
 POSITION_MODES = ("last", "all", "mean")
 METHODS = ("pca", "umap")
 MIN_UMAP_POINTS = 10
-Progress = Callable[[float, str], None]
 
 
 class ProjectionError(UserError):
@@ -73,11 +80,12 @@ def _span(layers: Sequence[int]) -> str:
     return f"{min(layers)}..{max(layers)}" if layers else "(none)"
 
 
-def _token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+def _token_strings(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[str]:
     return [tokenizer.decode([int(i)]) for i in ids]
 
 
-def prompt_cloud(lm, pset, site: str = "resid_post", positions: str = "last", layers="all",
+def prompt_cloud(lm: LoadedModel, pset: PromptSet, site: str = "resid_post", positions: str = "last",
+                 layers: str | Sequence[int] = "all",
                  batch_size: int = 64, progress: Progress | None = None) -> PointCloud:
     """Embed every text of a :class:`~engine.data.corpora.PromptSet` and pool its tokens per ``positions``.
 
@@ -85,7 +93,8 @@ def prompt_cloud(lm, pset, site: str = "resid_post", positions: str = "last", la
     such as BOS excluded); ``all``: every token except the special prefix, one point each (labels
     ``token`` and ``position`` are added).
     """
-    from engine.data.store import normalize_layers, special_prefix
+    from engine.data.store import normalize_layers
+    from engine.data.windows import special_prefix
 
     if positions not in POSITION_MODES:
         raise ProjectionError(f"Unknown position mode '{positions}'; choose from {', '.join(POSITION_MODES)}.")
@@ -105,7 +114,7 @@ def prompt_cloud(lm, pset, site: str = "resid_post", positions: str = "last", la
         width = input_ids.shape[1]
         with lm.lock:
             captured, _ = capture(lm.anatomy, input_ids, mask, sites={site: layer_list})
-        acts = captured[site].float().cpu()  # [L, B, T, d]
+        acts = to_host(captured[site], torch.float32)  # [L, B, T, d]
         lengths = mask.sum(1)
         first = min(n_prefix, width - 1)
         if positions == "last":
@@ -136,15 +145,15 @@ def prompt_cloud(lm, pset, site: str = "resid_post", positions: str = "last", la
                 labels[name].extend([values[start + row]] * counts[row])
             if positions != "all":
                 hover.append(pset.texts[start + row])
-        if progress:
-            progress(min((start + len(batch)) / len(encoded), 1.0), f"embedded {start + len(batch)} of {len(encoded)}")
+        report(progress, (start + len(batch)) / len(encoded), f"embedded {start + len(batch)} of {len(encoded)}")
     vectors = {layer: torch.cat(parts).numpy().astype(np.float32) for layer, parts in per_layer.items()}
     labels.update(extra)
     return PointCloud(pset.name, site, layer_list, vectors, labels, hover, list(range(len(hover))))
 
 
-def store_cloud(store, site: str | None = None, layers: Sequence[int] | None = None, max_points: int = 5000,
-                seed: int = 0, tokenizer=None, progress: Progress | None = None) -> PointCloud:
+def store_cloud(store: ActivationStore, site: str | None = None, layers: Sequence[int] | None = None,
+                max_points: int = 5000, seed: int = 0, tokenizer: PreTrainedTokenizerBase | None = None,
+                progress: Progress | None = None) -> PointCloud:
     """A uniform sample of up to ``max_points`` tokens of a store (position 0 left out), every layer.
 
     Labels: ``token`` (decoded when a tokenizer is given, else the id), ``position`` and ``doc``;
@@ -158,8 +167,7 @@ def store_cloud(store, site: str | None = None, layers: Sequence[int] | None = N
     vectors = {}
     for k, layer in enumerate(layer_list):
         vectors[layer] = store.read(site, layer, rows).numpy()
-        if progress:
-            progress((k + 1) / len(layer_list), f"read layer {layer}")
+        report(progress, (k + 1) / len(layer_list), f"read layer {layer}")
     token_ids = store.token_ids()[rows].tolist()
     positions = store.positions()[rows].tolist()
     docs = store.doc_ids()[rows].tolist()
@@ -325,218 +333,3 @@ def warm_up_umap(background: bool = True, n_points: int = 4096) -> threading.Thr
 
 def umap_ready() -> bool:
     return _warm["done"].is_set()
-
-
-# --- spread and geometry ------------------------------------------------------------------
-def _as64(X) -> np.ndarray:
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2 or X.shape[0] < 2:
-        raise ProjectionError("A spread measure needs a [points, width] matrix with at least 2 points.")
-    return X
-
-
-def average_cosine(X) -> float:
-    """Mean cosine similarity over all pairs of distinct points (1 = all parallel, ~0 = isotropic)."""
-    X = _as64(X)
-    unit = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    total = unit.sum(0)
-    n = X.shape[0]
-    return float((total @ total - n) / (n * (n - 1)))
-
-
-def isotropy_partition(X) -> float:
-    """Mu & Viswanath's I(V) = min_c Z(c) / max_c Z(c), Z(c) = Σ exp(c·v), c over the eigenvectors
-    of VᵀV and their negatives (an eigenvector's sign is arbitrary), so 1 = isotropic and → 0 = one
-    dominant direction; computed in log space."""
-    from scipy.special import logsumexp
-
-    X = _as64(X)
-    _, _, Vt = np.linalg.svd(X, full_matrices=False)
-    scores = X @ Vt.T
-    log_z = logsumexp(np.concatenate([scores, -scores], axis=1), axis=0)
-    return float(np.exp(log_z.min() - log_z.max()))
-
-
-def _centered_singular_values(X) -> np.ndarray:
-    X = _as64(X)
-    return np.linalg.svd(X - X.mean(0), compute_uv=False)
-
-
-def pca_components_for_variance(X, fraction: float = 0.9) -> int:
-    """How many principal components explain ``fraction`` of the (centred) variance."""
-    var = _centered_singular_values(X) ** 2
-    if var.sum() <= 0:
-        return 0
-    cumulative = np.cumsum(var) / var.sum()
-    return int(np.searchsorted(cumulative, fraction - 1e-12) + 1)
-
-
-def pca_variance_fraction(X, fraction: float = 0.9) -> float:
-    """Components needed for ``fraction`` of the variance, divided by the most there can be
-    (min(n - 1, width)): ~``fraction`` for isotropic data, ~0 for low-rank data."""
-    X = _as64(X)
-    return pca_components_for_variance(X, fraction) / max(1, min(X.shape[0] - 1, X.shape[1]))
-
-
-def effective_rank(X) -> float:
-    """Roy & Vetterli's effective rank: exp of the entropy of the normalised singular values
-    (centred data); 1 for rank-1 data, ≈ width for isotropic data."""
-    s = _centered_singular_values(X)
-    if s.sum() <= 0:
-        return 0.0
-    p = s / s.sum()
-    p = p[p > 0]
-    return float(np.exp(-(p * np.log(p)).sum()))
-
-
-def translation_similarity(X, concepts: Sequence[str], languages: Sequence[str], center: bool = True,
-                           max_points: int = 4000, seed: int = 0) -> tuple[float, float]:
-    """Mean cosine similarity of (same concept, different language) pairs and of (different concept,
-    different language) pairs. Centring first removes the direction all hidden states share."""
-    X = _as64(X)
-    concepts, languages = np.asarray(concepts), np.asarray(languages)
-    if len(concepts) != X.shape[0] or len(languages) != X.shape[0]:
-        raise ProjectionError("Concept and language labels must have one entry per point.")
-    if X.shape[0] > max_points:
-        pick = np.random.default_rng(seed).choice(X.shape[0], max_points, replace=False)
-        X, concepts, languages = X[pick], concepts[pick], languages[pick]
-    if center:
-        X = X - X.mean(0)
-    unit = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    sims = unit @ unit.T
-    other_language = languages[:, None] != languages[None, :]
-    same = (concepts[:, None] == concepts[None, :]) & other_language
-    diff = (concepts[:, None] != concepts[None, :]) & other_language
-    if not same.any() or not diff.any():
-        raise ProjectionError("Translation similarity needs the same concepts in at least two languages.")
-    return float(sims[same].mean()), float(sims[diff].mean())
-
-
-SPREAD_MEASURES = {
-    "average cosine": average_cosine,
-    "isotropy I(V)": isotropy_partition,
-    "PCA: fraction of dims for 90% variance": pca_variance_fraction,
-    "effective rank": effective_rank,
-}
-
-
-def geometry_by_layer(cloud: PointCloud, concept_label: str | None = None, language_label: str | None = None,
-                      progress: Progress | None = None) -> dict:
-    """Every spread measure per layer, plus translation similarity when both labels are given.
-
-    Returns ``{"layers": [...], "measures": {name: [value per layer]}}``.
-    """
-    measures: dict[str, list[float]] = {name: [] for name in SPREAD_MEASURES}
-    both = concept_label and language_label
-    if both:
-        measures["cosine: same concept, other language"] = []
-        measures["cosine: other concept, other language"] = []
-    for k, layer in enumerate(cloud.layers):
-        X = cloud.at(layer)
-        for name, fn in SPREAD_MEASURES.items():
-            measures[name].append(fn(X))
-        if both:
-            same, diff = translation_similarity(X, cloud.label(concept_label), cloud.label(language_label))
-            measures["cosine: same concept, other language"].append(same)
-            measures["cosine: other concept, other language"].append(diff)
-        if progress:
-            progress((k + 1) / len(cloud.layers), f"layer {layer}")
-    return {"layers": list(cloud.layers), "n_points": cloud.n_points, "measures": measures}
-
-
-# --- probes -------------------------------------------------------------------------------
-@dataclass
-class ProbeCurve:
-    label: str
-    layers: list[int]
-    accuracy: list[float]
-    chance: float
-    n_classes: int
-    n_points: int
-    folds: int
-    first_layer_at_90: int | None  # first layer reaching 90% of the best accuracy
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
-
-
-def _probe_data(y: Sequence[str], folds: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Keep classes with ≥ 2 members; returns (kept mask, integer labels, number of folds)."""
-    values, inverse, counts = np.unique(np.asarray(y, dtype=str), return_inverse=True, return_counts=True)
-    if len(values) < 2:
-        raise ProjectionError(f"The label has a single class ('{values[0] if len(values) else ''}'); a probe needs "
-                              "at least two classes.")
-    keep = counts[inverse] >= 2
-    kept_classes = int((counts >= 2).sum())
-    if kept_classes < 2:
-        raise ProjectionError("No two classes of this label have at least two points each; choose another label.")
-    n_splits = int(max(2, min(folds, counts[counts >= 2].min())))
-    return keep, inverse[keep], n_splits
-
-
-def _fit_softmax(X: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max_iter: int = 100):
-    """Multinomial logistic regression (mean cross-entropy + ``l2``·‖W‖²), full-batch L-BFGS."""
-    weight = torch.zeros(X.shape[1], n_classes, requires_grad=True)
-    bias = torch.zeros(n_classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-6, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(X @ weight + bias, y) + l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return weight.detach(), bias.detach()
-
-
-def probe_accuracy(X, y: Sequence[str], folds: int = 5, seed: int = 0, max_dims: int = 64, l2: float | None = None
-                   ) -> tuple[float, float]:
-    """Cross-validated accuracy of a logistic-regression probe, and the chance (majority-class) rate.
-
-    Inside each fold the features are standardised and, when wider than ``max_dims``, reduced by
-    PCA fitted on the training part; the probe is a multinomial logistic regression with an L2
-    penalty (``l2``, default 1/(2·n_train), like scikit-learn's C=1) fitted by L-BFGS. Classes
-    with a single point are left out; folds shrink to the size of the smallest remaining class.
-    """
-    from sklearn.model_selection import StratifiedKFold
-
-    X = np.asarray(X, dtype=np.float32)
-    keep, labels, n_splits = _probe_data(y, folds)
-    X = X[keep]
-    _, labels = np.unique(labels, return_inverse=True)
-    n_classes = int(labels.max() + 1)
-    correct = 0
-    splitter = StratifiedKFold(n_splits, shuffle=True, random_state=seed)
-    with torch.no_grad():
-        data, target = torch.from_numpy(X), torch.from_numpy(labels).long()
-    for train, test in splitter.split(X, labels):
-        train_x, test_x = data[train], data[test]
-        mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-        train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-        if train_x.shape[1] > max_dims:
-            _, _, basis = torch.linalg.svd(train_x, full_matrices=False)
-            basis = basis[:max_dims].T
-            train_x, test_x = train_x @ basis, test_x @ basis
-        weight, bias = _fit_softmax(train_x, target[train], n_classes, l2 if l2 is not None else 1 / (2 * len(train)))
-        correct += int(((test_x @ weight + bias).argmax(1) == target[test]).sum())
-    chance = float(np.bincount(labels).max() / len(labels))
-    return correct / len(labels), chance
-
-
-def probe_by_layer(cloud: PointCloud, label: str, folds: int = 5, seed: int = 0,
-                   progress: Progress | None = None) -> ProbeCurve:
-    """Probe accuracy per layer for one label ("concept depth")."""
-    y = cloud.label(label)
-    keep, labels, n_splits = _probe_data(y, folds)
-    accuracy, chance = [], 0.0
-    for k, layer in enumerate(cloud.layers):
-        acc, chance = probe_accuracy(cloud.at(layer), y, folds=folds, seed=seed)
-        accuracy.append(acc)
-        if progress:
-            progress((k + 1) / len(cloud.layers), f"probe at layer {layer}: {acc:.2f}")
-    best = max(accuracy)
-    first = next((layer for layer, acc in zip(cloud.layers, accuracy) if acc >= 0.9 * best), None)
-    return ProbeCurve(label, list(cloud.layers), accuracy, chance, len(np.unique(labels)), int(keep.sum()),
-                      n_splits, first)

@@ -7,20 +7,32 @@ token), and report the mean with a 95% confidence band across items.
 
 Only items whose answer is ONE token for the loaded tokenizer are kept, and items whose
 English token coincides with the answer token are dropped (the two curves would be the same).
+Answer and English tokens are the ids the model produces right after the open quote of the query
+(:func:`engine.lens.tokens.continuation_ids`), so SentencePiece tokenizers, which put a dummy space
+before a text encoded alone, give the answer's own token and never a lone ``▁``.
 """
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.core.capture import capture, pad_batch
+from engine.core.devices import to_host
 from engine.core.errors import UserError
+from engine.core.progress import Progress, report
 from engine.data.prompt_sets import CONCEPTS, LANGUAGES
 from engine.lens.logit import Transform
+from engine.lens.tokens import continuation_ids
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from engine.core.models import LoadedModel
 
 
 class LatentLanguageError(UserError):
@@ -50,17 +62,19 @@ class FilterReport:
                 "english_overlaps_answer": self.english_overlaps_answer}
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def english_token_ids(tokenizer, word: str) -> list[int]:
-    """First tokens of the English word as it could start: bare, after a space, capitalised."""
+def english_token_ids(tokenizer: PreTrainedTokenizerBase, word: str, context: str = "") -> list[int]:
+    """First tokens of the English word as it could start after ``context``: bare, after a space, capitalised."""
     variants = {word, " " + word, word.capitalize(), " " + word.capitalize()}
-    return sorted({_ids(tokenizer, v)[0] for v in variants if _ids(tokenizer, v)})
+    firsts = (continuation_ids(tokenizer, context, variant) for variant in variants)
+    return sorted({ids[0] for ids in firsts if ids})
 
 
-def build_items(tokenizer, source: str, target: str, n_shots: int = 5, seed: int = 0,
+def query_line(source: str, target: str, concept: dict) -> str:
+    """The last prompt line: the concept in the source language, then the open quote the answer follows."""
+    return f'{LANGUAGES[source]}: "{concept[source]}" - {LANGUAGES[target]}: "'
+
+
+def build_items(tokenizer: PreTrainedTokenizerBase, source: str, target: str, n_shots: int = 5, seed: int = 0,
                 concepts: Sequence[dict] = CONCEPTS) -> tuple[list[Item], FilterReport]:
     for code in (source, target):
         if code not in LANGUAGES:
@@ -73,13 +87,14 @@ def build_items(tokenizer, source: str, target: str, n_shots: int = 5, seed: int
     items = []
     for index, concept in enumerate(concepts):
         answer = concept[target]
-        answer_ids = _ids(tokenizer, answer)
+        query = query_line(source, target, concept)
+        answer_ids = continuation_ids(tokenizer, query, answer)  # what the model writes after the open quote
         if len(answer_ids) != 1:
             report.answer_not_single_token += 1
             report.dropped.append(concept["concept"])
             continue
         english = concept["en"]
-        english_ids = english_token_ids(tokenizer, english)
+        english_ids = english_token_ids(tokenizer, english, query)
         if target != "en" and answer_ids[0] in english_ids:
             report.english_overlaps_answer += 1
             report.dropped.append(concept["concept"])
@@ -87,7 +102,7 @@ def build_items(tokenizer, source: str, target: str, n_shots: int = 5, seed: int
         others = [c for j, c in enumerate(concepts) if j != index]
         shots = rng.sample(others, min(n_shots, len(others)))
         lines = [f'{src_name}: "{c[source]}" - {tgt_name}: "{c[target]}"' for c in shots]
-        lines.append(f'{src_name}: "{concept[source]}" - {tgt_name}: "')
+        lines.append(query)
         items.append(Item(concept["concept"], "\n".join(lines), answer, english, answer_ids[0], english_ids))
     report.kept = len(items)
     return items, report
@@ -116,17 +131,20 @@ class LatentLanguageResult:
                 "english": self._band(self.english_probs)}
 
 
-def run_latent_language(lm, source: str = "fr", target: str = "zh", *, n_shots: int = 5, batch_size: int = 16,
+def run_latent_language(lm: LoadedModel, source: str = "fr", target: str = "zh", *, n_shots: int = 5,
+                        batch_size: int = 16,
                         transform: Transform | None = None, lens_name: str = "logit", max_items: int | None = None,
-                        progress: Callable[[float], None] | None = None) -> LatentLanguageResult:
+                        progress: Progress | None = None) -> LatentLanguageResult:
+    """Per layer (embeddings, then each layer's output): P(answer token) and P(any English token) at the last
+    position of every kept item's prompt; ``probs`` arrays are ``[items, n_layers + 1]``."""
     tokenizer, anatomy = lm.tokenizer, lm.anatomy
-    items, report = build_items(tokenizer, source, target, n_shots=n_shots)
+    items, filtered = build_items(tokenizer, source, target, n_shots=n_shots)
     if max_items:
         items = items[:max_items]
     if not items:
         raise LatentLanguageError(
             f"No item survives for {source}->{target}: no answer is a single token for this tokenizer "
-            f"({report.answer_not_single_token} multi-token answers, {report.english_overlaps_answer} same as English)."
+            f"({filtered.answer_not_single_token} multi-token answers, {filtered.english_overlaps_answer} same as English)."
         )
     n_rows = anatomy.n_layers + 1
     hidden_index = list(range(n_rows))
@@ -150,15 +168,15 @@ def run_latent_language(lm, source: str = "fr", target: str = "zh", *, n_shots: 
                     resid = torch.stack([transform(i, resid[i]) for i in hidden_index])
                 probs = torch.softmax(anatomy.logits(resid).float(), dim=-1)    # [rows, B, V]
                 answer = torch.tensor([it.answer_id for it in batch], device=probs.device)
-                target_probs.append(probs.gather(-1, answer.expand(n_rows, -1)[..., None])[..., 0].T.cpu())
+                target_probs.append(to_host(probs.gather(-1, answer.expand(n_rows, -1)[..., None])[..., 0].T))
                 english = torch.zeros(len(batch), probs.shape[-1], device=probs.device)
                 for row, item in enumerate(batch):
                     english[row, item.english_ids] = 1.0
-                english_probs.append((probs * english).sum(-1).T.cpu())
-        if progress:
-            progress(min(1.0, (start + len(batch)) / len(items)))
+                english_probs.append(to_host((probs * english).sum(-1).T))
+        done = start + len(batch)
+        report(progress, done / len(items), f"{done} of {len(items)} prompts read out")
     return LatentLanguageResult(
         source=source, target=target, layers=["embed"] + [str(i) for i in range(anatomy.n_layers)],
         target_probs=torch.cat(target_probs).numpy(), english_probs=torch.cat(english_probs).numpy(),
-        report=report, concepts=[it.concept for it in items], lens=lens_name,
+        report=filtered, concepts=[it.concept for it in items], lens=lens_name,
     )

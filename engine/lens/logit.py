@@ -14,13 +14,21 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.core.anatomy import Anatomy
 from engine.core.capture import capture
+from engine.core.devices import to_host
 from engine.core.errors import UserError
+from engine.lens.tokens import Continuation, continuation
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from engine.core.models import LoadedModel
 
 # (hidden-state index, resid) -> resid; hidden-state index 0 is the embedding output, i+1 layer i's output
 Transform = Callable[[int, torch.Tensor], torch.Tensor]
@@ -30,7 +38,8 @@ class PromptError(UserError):
     pass
 
 
-def check_prompt(text: str, tokenizer, context_length: int | None, max_tokens: int | None = None) -> list[int]:
+def check_prompt(text: str, tokenizer: PreTrainedTokenizerBase, context_length: int | None,
+                 max_tokens: int | None = None) -> list[int]:
     """Validate a user prompt and return its token ids (with the tokenizer's special tokens)."""
     if not isinstance(text, str) or not text.strip():
         raise PromptError("The prompt is empty: type some text to look at.")
@@ -49,17 +58,26 @@ def check_prompt(text: str, tokenizer, context_length: int | None, max_tokens: i
     return ids
 
 
-def tracked_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
-    """First token of each tracked string (as it would appear mid-text; ' Paris' keeps its space)."""
+def tracked_tokens(tokenizer: PreTrainedTokenizerBase, words: Sequence[str], context: str | None = None
+                   ) -> list[Continuation]:
+    """The token followed for each tracked string: the first id it adds after ``context`` (' Paris' keeps its
+    space; see :mod:`engine.lens.tokens`). Without a context, each word is encoded as the start of a text,
+    where SentencePiece tokenizers put a dummy space before it: pass the prompt."""
     out = []
     for word in words:
         if not word:
             continue
-        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise PromptError(f"The tracked token {word!r} encodes to nothing with this tokenizer.")
-        out.append(int(ids[0]))
+        try:
+            out.append(continuation(tokenizer, context or "", word))
+        except ValueError:
+            raise PromptError(f"The tracked token {word!r} encodes to nothing with this tokenizer.") from None
     return out
+
+
+def tracked_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str], context: str | None = None
+                      ) -> list[int]:
+    """First token id of each tracked string after ``context`` (see :func:`tracked_tokens`)."""
+    return [found.id for found in tracked_tokens(tokenizer, words, context)]
 
 
 @dataclass
@@ -76,6 +94,8 @@ class LensResult:
     kl_to_final: np.ndarray           # [rows, positions] KL(final || row), nats
     tracked_ids: list[int] = field(default_factory=list)
     tracked_labels: list[str] = field(default_factory=list)
+    tracked_tokens: list[str] = field(default_factory=list)  # the token followed per label (its first token)
+    tracked_notes: list[str] = field(default_factory=list)   # "' Paris' → '▁Paris'", also naming multi-token words
     tracked_probs: np.ndarray | None = None  # [rows, positions, n_tracked]
     tracked_ranks: np.ndarray | None = None  # [rows, positions, n_tracked], 0 = top-1
     self_check_max_abs_diff: float = float("nan")
@@ -100,8 +120,10 @@ class LensResult:
                                        for t, label in enumerate(self.tracked_labels)}
                 cells.append(cell)
             rows.append({"layer": name, "positions": cells})
+        tracked = [{"label": label, "id": int(i), "token": token, "note": note} for label, i, token, note in
+                   zip(self.tracked_labels, self.tracked_ids, self.tracked_tokens, self.tracked_notes)]
         return {"lens": self.lens, "tokens": self.tokens, "layers": rows,
-                "self_check_max_abs_diff": self.self_check_max_abs_diff}
+                "self_check_max_abs_diff": self.self_check_max_abs_diff, **({"tracked": tracked} if tracked else {})}
 
     def to_records(self) -> list[dict]:
         """Flat rows (one per layer x position) for CSV export."""
@@ -151,6 +173,8 @@ def lens_stats(anatomy: Anatomy, resid: torch.Tensor, *, top_k: int = 10, tracke
         # The unembedding matmul is the floor; the rest is a few passes over the [rows, c, V] block
         # with one scratch buffer. torch.logsumexp/softmax and bool-tensor sums each cost several
         # times more than these plain passes on a CPU (benchmarks/lens.py).
+        # KL here is a fused, memory-lean form of engine.core.numerics.kl_from_logits(final, row) (same quantity,
+        # computed from the shifted logits this loop needs anyway); elsewhere use numerics.
         top_logits, top_ids = logits.topk(k, dim=-1)
         peak = top_logits[..., :1]                               # [rows, c, 1], the max logit
         scratch = torch.empty_like(logits)
@@ -174,12 +198,12 @@ def lens_stats(anatomy: Anatomy, resid: torch.Tensor, *, top_k: int = 10, tracke
         kl = (-entropy[-1] - torch.einsum("rcv,cv->rc", shifted, final_p) + log_total).clamp_min(0)
         kl[-1] = 0.0
         if len(tracked):
-            pieces["t_probs"].append((chosen - lse[..., None]).exp().cpu())
-            pieces["t_ranks"].append(ranks.cpu())
-        pieces["top_ids"].append(top_ids.cpu())
-        pieces["top_probs"].append((top_logits - lse[..., None]).exp().cpu())
-        pieces["entropy"].append(entropy.cpu())
-        pieces["kl"].append(kl.cpu())
+            pieces["t_probs"].append(to_host((chosen - lse[..., None]).exp()))
+            pieces["t_ranks"].append(to_host(ranks))
+        pieces["top_ids"].append(to_host(top_ids))
+        pieces["top_probs"].append(to_host((top_logits - lse[..., None]).exp()))
+        pieces["entropy"].append(to_host(entropy))
+        pieces["kl"].append(to_host(kl))
         del logits, shifted, exps, scratch, final_p
     out = {name: torch.cat(parts, dim=1) for name, parts in pieces.items() if parts}
     return out
@@ -199,14 +223,14 @@ def _row_plan(n_layers: int, sublayers: bool) -> tuple[list[str], list[int | Non
     return names, hidden, source
 
 
-def decode_table(tokenizer, ids: np.ndarray) -> np.ndarray:
+def decode_table(tokenizer: PreTrainedTokenizerBase, ids: np.ndarray) -> np.ndarray:
     """Decode an id array of any shape into strings, decoding each distinct id once (batched)."""
     unique, inverse = np.unique(ids, return_inverse=True)
     strings = np.array(tokenizer.batch_decode(unique.reshape(-1, 1).tolist()), dtype=object)
     return strings[inverse].reshape(ids.shape)
 
 
-def run_lens(lm, prompt: str | Sequence[int], *, top_k: int = 10, track: Sequence[str] = (),
+def run_lens(lm: LoadedModel, prompt: str | Sequence[int], *, top_k: int = 10, track: Sequence[str] = (),
              sublayers: bool = False, transform: Transform | None = None, lens_name: str = "logit",
              positions: Sequence[int] | None = None, max_tokens: int | None = None,
              budget_bytes: int = 768 * 2**20) -> LensResult:
@@ -227,7 +251,10 @@ def run_lens(lm, prompt: str | Sequence[int], *, top_k: int = 10, track: Sequenc
     chosen_positions = list(range(n)) if positions is None else sorted({p for p in positions if 0 <= p < n})
     if not chosen_positions:
         raise PromptError(f"No valid position was chosen; the prompt has positions 0..{n - 1}.")
-    tracked_ids = tracked_token_ids(tokenizer, track)
+    # tracked words are read as the model would produce them after this prompt (SentencePiece: no lone '▁')
+    context = prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=True)
+    tracked = tracked_tokens(tokenizer, track, context)
+    tracked_ids = [found.id for found in tracked]
     names, hidden_index, source = _row_plan(anatomy.n_layers, sublayers)
     sites = {"resid_pre": [0], "resid_post": "all"}
     if sublayers:
@@ -255,23 +282,9 @@ def run_lens(lm, prompt: str | Sequence[int], *, top_k: int = 10, track: Sequenc
         positions=chosen_positions, top_ids=top_ids, top_probs=stats["top_probs"].numpy(), top_tokens=top_tokens,
         entropy=stats["entropy"].numpy(), kl_to_final=stats["kl"].numpy(),
         tracked_ids=tracked_ids, tracked_labels=[w for w in track if w],
+        tracked_tokens=[found.pieces[0] for found in tracked], tracked_notes=[found.describe() for found in tracked],
         tracked_probs=stats["t_probs"].numpy() if tracked_ids else None,
         tracked_ranks=stats["t_ranks"].numpy() if tracked_ids else None,
         self_check_max_abs_diff=diff, lens=lens_name,
     )
 
-
-def self_check(lm, text: str = "The quick brown fox jumps over the lazy dog.") -> float:
-    """Max |lens(last layer) - model logits| on a short text; used when a model loads."""
-    ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"]
-    with lm.lock:
-        captured, output = capture(lm.anatomy, torch.tensor([ids]), sites={"resid_post": [lm.anatomy.n_layers - 1]},
-                                   stop_early=False)
-        with torch.inference_mode():
-            last = lm.anatomy.logits(captured["resid_post"][0, 0]).float()
-            return float((last - output.logits[0].float()).abs().max())
-
-
-def tolerance(dtype: torch.dtype) -> float:
-    """Acceptable self-check difference in logit units for a compute dtype."""
-    return 1e-3 if dtype == torch.float32 else 0.25 if dtype in (torch.bfloat16, torch.float16) else 1e-3

@@ -46,7 +46,7 @@ def train_demo_sae(settings: DemoSettings | None = None, *, lm=None, progress: P
     """
     from engine.core.models import load_model
     from engine.data.corpora import iter_texts
-    from engine.data.store import build_store, default_store_dir
+    from engine.data.store_writer import build_store, default_store_dir
     from engine.sae.evaluation import evaluate_with_model, held_out_texts, report_to_json
 
     settings = settings or DemoSettings()

@@ -23,6 +23,8 @@ def test_lens_selector_and_comparison(monkeypatch, tmp_path):
     at = AppTest.from_file("../../app.py", default_timeout=120)
     at.run()
     assert not at.exception
+    # the tracked token is read as the model writes it after the prompt, and the page says which token that is
+    assert any(c.value.startswith("Following ' Paris' → ") for c in at.caption)
     radio = at.radio(key="lens_kind")
     assert len(radio.options) == 2  # logit + the tuned lens just saved
     logit_fig = json.loads(at.get("plotly_chart")[0].proto.spec)

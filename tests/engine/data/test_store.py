@@ -6,15 +6,10 @@ import json
 import pytest
 import torch
 
-from engine.data.store import (
-    ActivationStore,
-    StoreError,
-    build_store,
-    delete_store,
-    iter_windows,
-    list_stores,
-    special_prefix,
-)
+from engine.data.store import ActivationStore, StoreError, list_stores
+from engine.data.store_admin import delete_store
+from engine.data.store_writer import build_store
+from engine.data.windows import iter_windows, special_prefix
 
 TEXTS = ["The cat sat on the mat.", "A much longer document that spans more than one context window for sure, "
          "because it keeps going and going.", "ok", "Zwei Wörter und ein Satz mit Umlauten: äöü."]
@@ -32,7 +27,7 @@ def _build(lm, out, **kwargs):
 
 def test_store_equals_output_hidden_states(tiny_lm, tmp_path):
     store = _build(tiny_lm, tmp_path / "s")
-    windows = list(iter_windows(tiny_lm.tokenizer, TEXTS, 32, 10_000))
+    windows = list(iter_windows(tiny_lm.tokenizer, TEXTS, 32, max_tokens=10_000))
     assert store.n_tokens == sum(len(w) for _, w, _ in windows) and store.layers == list(range(tiny_lm.n_layers))
     row = 0
     for _, ids, _ in windows:  # each window alone, unpadded, against the padded batched capture in the store
@@ -47,7 +42,7 @@ def test_store_equals_output_hidden_states(tiny_lm, tmp_path):
 
 def test_padding_never_leaks(tiny_llama, tmp_path):
     store = _build(tiny_llama, tmp_path / "s", batch_size=4)
-    windows = list(iter_windows(tiny_llama.tokenizer, TEXTS, 32, 10_000))
+    windows = list(iter_windows(tiny_llama.tokenizer, TEXTS, 32, max_tokens=10_000))
     assert store.token_ids().tolist() == [t for _, w, _ in windows for t in w]
     assert (store.token_ids() != tiny_llama.tokenizer.pad_token_id).all()
     assert store.positions().tolist() == [p for _, w, _ in windows for p in range(len(w))]
@@ -61,7 +56,7 @@ def test_padding_never_leaks(tiny_llama, tmp_path):
 def test_windows_start_with_bos_and_respect_max_tokens(tiny_llama):
     prefix = special_prefix(tiny_llama.tokenizer)
     assert prefix == [tiny_llama.tokenizer.bos_token_id]
-    windows = list(iter_windows(tiny_llama.tokenizer, TEXTS, 16, 50))
+    windows = list(iter_windows(tiny_llama.tokenizer, TEXTS, 16, max_tokens=50))
     assert all(w[0] == prefix[0] and len(w) <= 16 for _, w, _ in windows)
     assert sum(len(w) for _, w, _ in windows) == 50 and windows[-1][2]
 
@@ -213,3 +208,88 @@ def test_float16_overflow_is_clamped_and_counted(tokenizer, tmp_path):
     assert torch.isfinite(values).all() and values.abs().max() == torch.finfo(torch.float16).max
     assert store.manifest["n_clamped"] > 0
     assert store.manifest["n_clamped"] == sum(s["n_clamped"] for s in store.manifest["shards"])
+
+
+def test_bfloat16_model_into_float16_store_clamps_every_value(tokenizer, tmp_path):
+    """Issue 13: in bfloat16, 65504 rounds to 65536, so clamping there left 65536 (inf in float16) and the
+    count missed the values that were exactly 65536. Now the clamp is done in float32."""
+    from engine.core.models import from_model
+    from engine.core.tiny import build_tiny
+
+    model, tok = build_tiny("llama", tokenizer)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(3e6)  # residuals around fp16's limit: some beyond, some not
+    lm = from_model(model.to(torch.bfloat16), tok, name="loud-bf16", check=False)
+    half = _build(lm, tmp_path / "half", dtype="float16", max_tokens=200)
+    exact = _build(lm, tmp_path / "exact", dtype="float32", max_tokens=200)  # bf16 values, upcast exactly
+    limit = torch.finfo(torch.float16).max
+    beyond, at_65536, stored = 0, 0, []
+    for layer in half.layers:
+        reference = exact.read("resid_post", layer, slice(None))
+        values = half.read("resid_post", layer, slice(None), dtype=torch.float32)
+        assert torch.isfinite(values).all(), layer
+        over = reference.abs() > limit
+        beyond += int(over.sum())
+        at_65536 += int((reference.abs() == 65536).sum())
+        assert torch.equal(values[over], reference[over].sign() * limit)
+        assert torch.equal(values[~over], reference[~over].half().float())
+        stored.append(values)
+    assert beyond > 100 and at_65536 > 0 and beyond < sum(v.numel() for v in stored)  # the case of the issue
+    assert half.manifest["n_clamped"] == beyond
+    assert half.manifest["n_clamped"] == sum(s["n_clamped"] for s in half.manifest["shards"])
+
+
+def test_a_writer_leaves_other_writers_temp_files_and_one_writer_at_a_time(tiny_llama, tmp_path):
+    import os
+
+    from engine.data.store_admin import remove_stale_temp_files, stale_temp_files
+    from engine.data.store_writer import _one_writer
+
+    out = tmp_path / "s"
+    out.mkdir()
+    alive = out / f".shard_00000.safetensors.{os.getpid() + 0}.7.tmp"  # as if another thread of ours were writing
+    dead = out / ".shard_00001.safetensors.999999999.1.tmp"             # a killed capture's leftover
+    alive.write_bytes(b"x" * 10)
+    dead.write_bytes(b"y" * 20)
+    store = _build(tiny_llama, out, texts=_texts(), shard_tokens=100, max_tokens=300)
+    assert store.verify() == [] and alive.is_file() and dead.is_file()  # the writer deleted neither
+    _build(tiny_llama, out, texts=_texts(), shard_tokens=100, max_tokens=500)  # nor does an extension
+    assert alive.is_file() and dead.is_file()
+    assert stale_temp_files(out) == [dead] and remove_stale_temp_files(out) == 20 and alive.is_file()
+    with _one_writer(out), pytest.raises(StoreError, match="Another capture is writing"):
+        _build(tiny_llama, out, texts=_texts(), shard_tokens=100, max_tokens=700)
+    assert _build(tiny_llama, out, texts=_texts(), shard_tokens=100, max_tokens=700).n_tokens == 700
+
+
+def test_extending_appends_shards_and_never_touches_earlier_ones(tiny_llama, tmp_path):
+    texts = _texts()
+    small = _build(tiny_llama, tmp_path / "s", texts=texts, max_tokens=150, shard_tokens=64)
+    before = {s["file"]: (tmp_path / "s" / s["file"]).stat() for s in small.manifest["shards"]}
+    bigger = _build(tiny_llama, tmp_path / "s", texts=texts, max_tokens=400, shard_tokens=64)
+    assert bigger.manifest["shards"][:len(before)] == small.manifest["shards"]
+    for name, stat in before.items():  # same inode, same modification time: not rewritten
+        now = (tmp_path / "s" / name).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    # a store extended twice equals one captured in one go, also where a window was cut at each max_tokens
+    again = _build(tiny_llama, tmp_path / "s", texts=texts, max_tokens=555, shard_tokens=64)
+    straight = _build(tiny_llama, tmp_path / "t", texts=texts, max_tokens=555, shard_tokens=64)
+    assert torch.equal(again.token_ids(), straight.token_ids()) and torch.equal(again.positions(), straight.positions())
+    assert torch.equal(again.doc_ids(), straight.doc_ids())
+    assert torch.allclose(again.read("resid_post", 1, slice(None)), straight.read("resid_post", 1, slice(None)),
+                          atol=1e-5)
+
+
+def test_an_interrupted_capture_asked_for_fewer_tokens_is_finished_as_is(tiny_llama, tmp_path):
+    calls = {"n": 0}
+
+    def crash(fraction, message):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _build(tiny_llama, tmp_path / "s", texts=_texts(), shard_tokens=60, max_tokens=1000, progress=crash)
+    stored = json.loads((tmp_path / "s" / "manifest.json").read_text())["n_tokens"]
+    assert stored > 100
+    store = _build(tiny_llama, tmp_path / "s", texts=_texts(), shard_tokens=60, max_tokens=100)
+    assert store.n_tokens == stored and store.verify() == [] and store.manifest["complete"]

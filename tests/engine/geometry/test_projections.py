@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import engine.geometry.probes as PR
 import engine.geometry.projections as P
+import engine.geometry.spread as S
 from engine.data.corpora import PromptSet
 
 RNG = np.random.default_rng(0)
@@ -33,30 +35,30 @@ def clusters():
 
 
 def test_average_cosine(isotropic, rank_one):
-    assert abs(P.average_cosine(isotropic)) < 0.02
-    assert P.average_cosine(rank_one) == pytest.approx(1.0, abs=1e-9)  # all points on one ray (positive scale)
+    assert abs(S.average_cosine(isotropic)) < 0.02
+    assert S.average_cosine(rank_one) == pytest.approx(1.0, abs=1e-9)  # all points on one ray (positive scale)
     pair = np.array([[1.0, 0.0], [0.0, 1.0]])
-    assert P.average_cosine(pair) == pytest.approx(0.0)
+    assert S.average_cosine(pair) == pytest.approx(0.0)
 
 
 def test_isotropy_partition(isotropic, rank_one):
-    assert P.isotropy_partition(isotropic) > 0.5
-    assert P.isotropy_partition(rank_one) < 1e-6
-    assert P.isotropy_partition(isotropic) > 100 * P.isotropy_partition(isotropic + 5.0)  # a shared offset
+    assert S.isotropy_partition(isotropic) > 0.5
+    assert S.isotropy_partition(rank_one) < 1e-6
+    assert S.isotropy_partition(isotropic) > 100 * S.isotropy_partition(isotropic + 5.0)  # a shared offset
 
 
 def test_pca_variance_fraction(isotropic, rank_one, clusters):
     X, _ = clusters
-    assert P.pca_variance_fraction(isotropic) > 0.75
-    assert P.pca_components_for_variance(rank_one) == 1
-    assert P.pca_components_for_variance(X) <= 3  # 4 centred clusters span at most 3 directions
-    assert P.pca_components_for_variance(isotropic, 0.5) < P.pca_components_for_variance(isotropic, 0.9)
+    assert S.pca_variance_fraction(isotropic) > 0.75
+    assert S.pca_components_for_variance(rank_one) == 1
+    assert S.pca_components_for_variance(X) <= 3  # 4 centred clusters span at most 3 directions
+    assert S.pca_components_for_variance(isotropic, 0.5) < S.pca_components_for_variance(isotropic, 0.9)
 
 
 def test_effective_rank(isotropic, rank_one, clusters):
-    assert P.effective_rank(rank_one) == pytest.approx(1.0, abs=1e-6)
-    assert P.effective_rank(isotropic) > 0.9 * D
-    assert 1.5 < P.effective_rank(clusters[0]) < 3.5
+    assert S.effective_rank(rank_one) == pytest.approx(1.0, abs=1e-6)
+    assert S.effective_rank(isotropic) > 0.9 * D
+    assert 1.5 < S.effective_rank(clusters[0]) < 3.5
 
 
 def test_translation_similarity():
@@ -64,10 +66,10 @@ def test_translation_similarity():
     concepts, languages = np.repeat(np.arange(20), 5).astype(str), np.tile(np.arange(5), 20).astype(str)
     base = rng.normal(size=(20, D))[concepts.astype(int)]
     aligned = base + 0.3 * rng.normal(size=base.shape)
-    same, diff = P.translation_similarity(aligned, concepts, languages)
+    same, diff = S.translation_similarity(aligned, concepts, languages)
     assert same > 0.8 and abs(diff) < 0.15
     scrambled = rng.normal(size=base.shape)
-    same, diff = P.translation_similarity(scrambled, concepts, languages)
+    same, diff = S.translation_similarity(scrambled, concepts, languages)
     assert abs(same - diff) < 0.05
 
 
@@ -75,18 +77,18 @@ def test_probe_near_one_on_separable_and_chance_on_shuffled(clusters):
     X, which = clusters
     X = X[:600] + np.random.default_rng(5).normal(size=(600, D))
     y = which[:600].astype(str)
-    acc, chance = P.probe_accuracy(X, y)
+    acc, chance = PR.probe_accuracy(X, y)
     assert acc > 0.97
     shuffled = np.random.default_rng(6).permutation(y)
-    acc, chance = P.probe_accuracy(X, shuffled)
+    acc, chance = PR.probe_accuracy(X, shuffled)
     assert abs(acc - chance) < 0.12 and chance < 0.4
 
 
 def test_probe_one_class_is_a_user_error():
     with pytest.raises(P.ProjectionError, match="single class"):
-        P.probe_accuracy(np.zeros((10, 3)), ["a"] * 10)
+        PR.probe_accuracy(np.zeros((10, 3)), ["a"] * 10)
     with pytest.raises(P.ProjectionError, match="two classes"):
-        P.probe_accuracy(np.zeros((3, 3)), ["a", "b", "c"])
+        PR.probe_accuracy(np.zeros((3, 3)), ["a", "b", "c"])
 
 
 def test_projections_pca_and_procrustes(clusters):
@@ -152,8 +154,8 @@ def test_prompt_cloud_modes(tiny_llama):
     assert np.allclose(every.at(2)[ends], last.at(2), atol=1e-4)
     mean = P.prompt_cloud(tiny_llama, pset, positions="mean")
     assert np.allclose(mean.at(0)[1], every.at(0)[3:10].mean(0), atol=1e-4)
-    geometry = P.geometry_by_layer(last)
-    assert set(geometry["measures"]) == set(P.SPREAD_MEASURES) and len(geometry["layers"]) == 3
+    geometry = S.geometry_by_layer(last)
+    assert set(geometry["measures"]) == set(S.SPREAD_MEASURES) and len(geometry["layers"]) == 3
     with pytest.raises(P.ProjectionError, match="Layer 7"):
         last.at(7)
 
@@ -190,3 +192,50 @@ def test_umap_results_are_cached_on_disk(monkeypatch, tmp_path):
     assert np.array_equal(P.project(X, "umap", 2, cache_dir=tmp_path), first) and len(runs) == 5  # rewritten
     P.project(X, "pca", 2, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.npy"))) == 4                 # PCA is not cached
+
+
+def _translations(seed: int = 7, concepts: int = 40, languages: int = 5, categories: int = 4, encoded: float = 0.0):
+    """Points = concept vector + language offset + noise; the category is random per concept, so it is
+    readable only through the concept's identity, unless ``encoded`` adds a category direction."""
+    rng = np.random.default_rng(seed)
+    concept_vectors = rng.normal(size=(concepts, D)) * 3
+    language_vectors = rng.normal(size=(languages, D))
+    category_of = rng.permutation(np.arange(concepts) % categories)
+    category_vectors = rng.normal(size=(categories, D))
+    X, concept, category = [], [], []
+    for k in range(concepts):
+        for j in range(languages):
+            X.append(concept_vectors[k] + language_vectors[j] + encoded * category_vectors[category_of[k]]
+                     + 0.3 * rng.normal(size=D))
+            concept.append(f"c{k}")
+            category.append(f"cat{category_of[k]}")
+    return np.array(X), concept, category
+
+
+def test_probe_folds_grouped_by_concept_stop_the_leak():
+    """Issue 14: with translations of the same concept in training and test, a probe for 'category' scores
+    high by recognising the concept; grouped by concept it is at chance, and where the category really is
+    encoded, grouping does not hurt."""
+    X, concept, category = _translations()
+    ungrouped, chance = PR.probe_accuracy(X, category)
+    grouped, _ = PR.probe_accuracy(X, category, groups=concept)
+    print(f"leaky data: ungrouped {ungrouped:.3f}, grouped {grouped:.3f}, chance {chance:.3f}")
+    assert chance == pytest.approx(0.25) and ungrouped > 0.9 and grouped < chance + 0.15
+    encoded, _, _ = _translations(encoded=6.0)
+    grouped_encoded, _ = PR.probe_accuracy(encoded, category, groups=concept)
+    print(f"encoded category: grouped {grouped_encoded:.3f}")
+    assert grouped_encoded > 0.9
+
+    cloud = P.PointCloud("toy", "resid_post", [0, 1], {0: X.astype(np.float32), 1: encoded.astype(np.float32)},
+                         {"concept": concept, "category": category}, hover=[""] * len(concept))
+    curve = PR.probe_by_layer(cloud, "category", group_label="concept")
+    assert curve.grouped_by == "concept" and curve.folds == 5
+    assert curve.accuracy[0] < 0.4 < 0.9 < curve.ungrouped_accuracy[0] and curve.accuracy[1] > 0.9
+    assert curve.first_layer_at_90 == 1
+    assert curve.to_json()["ungrouped_accuracy"] == curve.ungrouped_accuracy
+    itself = PR.probe_by_layer(cloud, "concept", group_label="concept")  # a label cannot be grouped by itself
+    assert itself.grouped_by is None and itself.ungrouped_accuracy is None and itself.accuracy[1] > 0.9
+    plain = PR.probe_by_layer(cloud, "category")
+    assert plain.grouped_by is None and plain.accuracy == curve.ungrouped_accuracy
+    with pytest.raises(P.ProjectionError, match="two groups"):
+        PR.probe_accuracy(X, category, groups=["one"] * len(category))

@@ -9,19 +9,11 @@ import torch
 
 from engine.core.models import from_model
 from engine.core.tiny import build_tiny
+from engine.lens.compare import compare_lenses
 from engine.lens.logit import run_lens
-from engine.lens.tuned import (
-    CONFIG_FILE,
-    PARAMS_FILE,
-    TrainConfig,
-    TunedLens,
-    TunedLensError,
-    _Head,
-    capture_rows,
-    compare_lenses,
-    is_heldout,
-    train_tuned_lens,
-)
+from engine.lens.tuned import CONFIG_FILE, PARAMS_FILE, TunedLens, TunedLensError
+from engine.lens.tuned_data import ReadoutHead, capture_rows, is_heldout
+from engine.lens.tuned_train import LensTrainConfig, train_tuned_lens
 
 PROMPT = "The capital of France is Paris, and"
 WORDS = ["cat", "dog", "red", "blue", "tree", "house", "river", "stone", "light", "music"]
@@ -71,7 +63,7 @@ def test_translator_is_residual_affine_and_last_layer_is_identity(small_lm):
 
 
 def test_training_lowers_heldout_kl(small_lm, tmp_path):
-    config = TrainConfig(steps=40, batch_size=4, seq_len=32, lr=0.05, heldout_fraction=0.25, checkpoint_every=100)
+    config = LensTrainConfig(steps=40, batch_size=4, seq_len=32, lr=0.05, heldout_fraction=0.25, checkpoint_every=100)
     assert 0 < sum(is_heldout(t, 0.25) for t in TEXTS) < len(TEXTS)
     result = train_tuned_lens(small_lm, TEXTS, tmp_path / "lens", config)
     assert result.steps_done == 40 and len(result.losses) == 40 and result.tokens_seen > 0
@@ -94,8 +86,8 @@ def test_vocab_subset_head_matches_full_head_and_trains(tokenizer, tmp_path):
     rows, labels = capture_rows(lm, [tok(t)["input_ids"] for t in TEXTS[:3]], with_labels=True)
     assert rows.shape[0] == lm.n_layers + 1 and rows.shape[1] == labels.shape[0]
     ids = torch.tensor([3, 10, 50, 99, 120])
-    torch.testing.assert_close(_Head(lm.anatomy, ids).logits(rows[-1]), lm.anatomy.logits(rows[-1])[:, ids])
-    config = TrainConfig(steps=15, batch_size=4, seq_len=32, lr=0.05, vocab_subset=120, subset_windows=8)
+    torch.testing.assert_close(ReadoutHead(lm.anatomy, ids).logits(rows[-1]), lm.anatomy.logits(rows[-1])[:, ids])
+    config = LensTrainConfig(steps=15, batch_size=4, seq_len=32, lr=0.05, vocab_subset=120, subset_windows=8)
     result = train_tuned_lens(lm, TEXTS, None, config)
     assert 0.5 < result.subset_coverage <= 1.0
     assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
@@ -171,7 +163,7 @@ def test_bad_checkpoints_give_one_clear_error(small_lm, tokenizer, tmp_path):
 
 
 def test_interrupted_training_resumes_to_the_same_lens(small_lm, tmp_path):
-    config = TrainConfig(steps=8, batch_size=2, seq_len=24, lr=0.05, checkpoint_every=4)
+    config = LensTrainConfig(steps=8, batch_size=2, seq_len=24, lr=0.05, checkpoint_every=4)
     straight = train_tuned_lens(small_lm, TEXTS, tmp_path / "straight", config)
 
     class Stop(Exception):
@@ -189,7 +181,7 @@ def test_interrupted_training_resumes_to_the_same_lens(small_lm, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     # other settings on the same folder: a clear error instead of a silent mix
     with pytest.raises(TunedLensError, match="other settings"):
-        train_tuned_lens(small_lm, TEXTS, tmp_path / "resumed", TrainConfig(steps=8, batch_size=3, seq_len=24))
+        train_tuned_lens(small_lm, TEXTS, tmp_path / "resumed", LensTrainConfig(steps=8, batch_size=3, seq_len=24))
 
 
 def test_cli_train_and_eval(tmp_path, capsys, monkeypatch):
