@@ -1,19 +1,35 @@
 """SAE features: the feature browser (search, list, feature page, what fires on my text, feature map).
 
 Reads dashboards built by :mod:`engine.features.build` (Jobs & data page or ``python -m engine dashboards``).
-Query parameters ``sae`` (SAE folder name or dashboard folder name) and ``feature`` open a feature directly.
+The view lives in the URL, so a copied link opens the same view in a fresh browser: ``dashboard`` (the build's
+folder name; ``sae``, the SAE folder name, is the fallback), ``feature``, ``tab`` (feature, list, text, map), the
+list's ``q``, ``sort``, ``order``, ``dense``, ``min_max``, ``min_det``, the search's ``find`` and ``find_mode``,
+``text`` (what fires on my text), ``test`` (the feature's test text) and the map's ``map`` and ``map_color``;
+default values are left out. The feature page downloads as one self-contained HTML file
+(:func:`components.export.feature_html`) and its tables as CSV or parquet.
 Every feature id comes with its cheap label (:mod:`engine.autointerp.labels`, built on a dashboard's first open),
 and with its explanation and scores once explained (:mod:`components.autointerp_ui`).
 """
 from __future__ import annotations
 
+import math
+from functools import partial
 from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from components.autointerp_ui import explain_panel, explained, explanation_block, feature_labels, search_panel
+from components.autointerp_ui import (
+    FIND_MODES,
+    explain_panel,
+    explained,
+    explanation_block,
+    feature_labels,
+    search_panel,
+)
+from components.export import feature_html, feature_tables, file_name, table_csv, table_parquet
 from components.feature_views import (
     density_text,
     feature_map_figure,
@@ -35,6 +51,12 @@ SORTS = {"density": "density", "max activation": "max_act", "mean activation": "
          "top logit token": "top_logits"}
 SCORE_SORTS = {"detection score": "detection", "fuzzing score": "fuzzing"}  # offered once scores exist
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of France."
+TABS = {"Feature": "feature", "Feature list": "list", "What fires on my text": "text", "Feature map": "map"}
+MAP_COLORS = {"log10 density": "density", "cosine to the current feature": "cosine"}
+LINK_LIMIT = 200  # longer texts stay out of the URL
+EXPORT_TABLES = {"top_activations": "top activations", "interval_samples": "interval samples",
+                 "logits": "logit effects", "histogram": "histogram", "neighbours": "nearest features",
+                 "cooccurring": "fires together with", "stats": "stats"}
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -94,6 +116,105 @@ def _names(features) -> dict[int, str]:
     return {f: labels_of.get(f) or tokens.get(f, "") for f in ids}
 
 
+def _number(text: str, hi: float = math.inf) -> float:
+    value = float(text)
+    if not math.isfinite(value) or not 0 <= value <= hi:
+        raise ValueError(text)
+    return value
+
+
+def _seed(key: str, param: str, parse, default) -> None:
+    """A widget's first value: the link's ``param`` (parsed) on a fresh open, else ``default``; afterwards the
+    widget's own state wins. A value the page cannot read falls back to the default."""
+    if key in st.session_state:
+        return
+    raw = st.query_params.get(param)
+    try:
+        st.session_state[key] = default if raw is None else parse(raw)
+    except (ValueError, KeyError):
+        st.session_state[key] = default
+
+
+def _keep(param: str, value, default=None) -> None:
+    """Put ``value`` in the URL as ``param``; a default value (or a text too long for a link) is left out."""
+    text = None if value is None or value == default else str(value)
+    if text is None or len(text) > LINK_LIMIT:
+        if param in st.query_params:
+            del st.query_params[param]
+    elif st.query_params.get(param) != text:
+        st.query_params[param] = text
+
+
+def _seed_view() -> None:
+    """The page's widgets start from the link (see the module docstring for the parameters)."""
+    by_slug = {slug: label for label, slug in TABS.items()}
+    _seed("features_tab", "tab", by_slug.__getitem__, "Feature")
+    _seed("features_find", "find", str, "")
+    _seed("features_find_mode", "find_mode", lambda s: s if s in FIND_MODES else FIND_MODES[s], "words")
+    sorts = {slug: label for label, slug in {**SORTS, **SCORE_SORTS}.items()}
+    _seed("features_search", "q", str, "")
+    _seed("features_sort", "sort", sorts.__getitem__, "density")
+    _seed("features_desc", "order", {"desc": True, "asc": False}.__getitem__, True)
+    _seed("features_hide_dense", "dense", {"hide": True, "show": False}.__getitem__, True)
+    _seed("features_min_max", "min_max", _number, 0.0)
+    _seed("features_min_detection", "min_det", partial(_number, hi=1.0), 0.0)
+    _seed("fires_text", "text", str, DEFAULT_TEXT)
+    _seed("feature_test_text", "test", str, "")
+    _seed("map_method", "map", lambda s: s if s in ("umap", "pca") else {}[s], "umap")
+    _seed("map_color", "map_color", {slug: label for label, slug in MAP_COLORS.items()}.__getitem__,
+          "log10 density")
+
+
+def _keep_view(dashboard: str, sae_name: str, feature) -> None:
+    """Write the view into the URL (defaults left out), so that a copied link reproduces it."""
+    state = st.session_state
+    _keep("dashboard", dashboard)
+    _keep("sae", sae_name)
+    _keep("feature", None if feature is None else int(feature))
+    _keep("tab", TABS.get(state.get("features_tab", "Feature")), "feature")
+    _keep("find", state.get("features_find", "").strip(), "")
+    _keep("find_mode", state.get("features_find_mode"), "words")
+    _keep("q", state.get("features_search", "").strip(), "")
+    _keep("sort", {**SORTS, **SCORE_SORTS}.get(state.get("features_sort")), "density")
+    _keep("order", "desc" if state.get("features_desc", True) else "asc", "desc")
+    _keep("dense", "hide" if state.get("features_hide_dense", True) else "show", "hide")
+    _keep("min_max", f"{float(state.get('features_min_max') or 0):g}", "0")
+    _keep("min_det", f"{float(state.get('features_min_detection') or 0):g}", "0")
+    _keep("text", state.get("fires_text"), DEFAULT_TEXT)
+    _keep("test", state.get("feature_test_text", "").strip(), "")
+    _keep("map", state.get("map_method"), "umap")
+    _keep("map_color", MAP_COLORS.get(state.get("map_color")), "density")
+
+
+def _link(feature: int, dashboard: str, sae_name: str) -> str:
+    """A relative link to ``feature``'s page on this dashboard (with the model's parameter)."""
+    model = {"model": st.query_params["model"]} if "model" in st.query_params else {}
+    return "?" + urlencode({**model, "dashboard": dashboard, "sae": sae_name, "feature": int(feature)})
+
+
+def _downloads(feature: int, data: dict, top_contexts: list[dict], interval_contexts: list[dict] | None,
+               label: str) -> None:
+    """Download the feature page as one self-contained HTML file (made on click), and its tables."""
+    row = words[words["feature"] == feature]
+    explanation = row.iloc[0].to_dict() if len(row) else None
+    tables = feature_tables(data, top_contexts, interval_contexts)
+    stem = f"feature-{feature}-{chosen}"
+    cols = st.columns([1.4, 2, 1, 1, 2.6], vertical_alignment="bottom")
+    cols[0].download_button(
+        "Download HTML", partial(feature_html, feature, data, top_contexts, label=label, explanation=explanation,
+                                 manifest=dash.manifest, dashboard=chosen, interval_contexts=interval_contexts),
+        file_name=file_name(stem), mime="text/html", on_click="ignore", key="feature_export_html",
+        icon=":material/download:", help="One self-contained HTML file (works offline): stats, histogram, "
+                                          "contexts, logit table, neighbours; PNGs from each figure's toolbar.")
+    which = cols[1].selectbox("Table (CSV / parquet)", list(EXPORT_TABLES), key="feature_export_table",
+                              format_func=EXPORT_TABLES.get)
+    cols[2].download_button("CSV", partial(table_csv, tables[which]), file_name=file_name(stem, which, ext="csv"),
+                            mime="text/csv", on_click="ignore", key="feature_export_csv")
+    cols[3].download_button("Parquet", partial(table_parquet, tables[which]),
+                            file_name=file_name(stem, which, ext="parquet"), mime="application/octet-stream",
+                            on_click="ignore", key="feature_export_parquet")
+
+
 def _open_feature(feature: int) -> None:
     """Callback: show ``feature`` on the Feature tab (applied before its widget is drawn)."""
     st.session_state["_features_pending"] = int(feature)
@@ -109,14 +230,16 @@ if not entries:
     st.stop()
 
 params = st.query_params
+_seed_view()
 names = [entry["name"] for entry in entries]
 labels = {entry["name"]: f"{entry['manifest']['sae_name']} · {entry['manifest']['site']} L{entry['manifest']['layer']}"
                          f" · {entry['manifest']['d_sae']:,} features" for entry in entries}
 if "features_sae" not in st.session_state or st.session_state["features_sae"] not in names:
-    wanted = params.get("sae")
-    match = [e["name"] for e in entries if wanted in (e["name"], e["manifest"]["sae_name"])]
-    if wanted and not match:
-        st.error(f"No dashboard for the SAE '{wanted}' on this model; showing another one.")
+    wanted, build = params.get("sae"), params.get("dashboard")
+    match = [e["name"] for e in entries if e["name"] == build]
+    match = match or [e["name"] for e in entries if wanted in (e["name"], e["manifest"]["sae_name"])]
+    if (wanted or build) and not match:
+        st.error(f"No dashboard '{build or wanted}' for this model; showing another one.")
     st.session_state["features_sae"] = match[0] if match else names[0]
 chosen = st.selectbox("SAE", names, key="features_sae", format_func=labels.get)
 entry = next(e for e in entries if e["name"] == chosen)
@@ -127,7 +250,6 @@ try:
 except UserError as exc:
     show_user_error(exc)
     st.stop()
-params["sae"] = entry["manifest"]["sae_name"]
 labels_of = feature_labels(path, stamp, lm.tokenizer)  # {feature: label}; built on this dashboard's first open
 words = explained(path)  # explanations and scores, one row per explained feature
 st.caption(f"{summary['features']:,} features · {summary['tokens']:,} tokens · {summary['dead']:,} dead · "
@@ -163,10 +285,11 @@ with tab_feature:
             show_user_error(exc)
             data = None
         if data is not None:
-            params["feature"] = str(int(feature))
             stats = data["stats"]
             title = labels_of.get(int(feature)) or (stats["act_tokens"] or "").split(" | ")[0]
             st.subheader(f"Feature #{int(feature)}" + (f" — {title}" if title else ""))
+            export_row = st.container()
+            top_contexts, interval_contexts = [], None
             explanation_block(int(feature), words, path)
             cols = st.columns(4)
             cols[0].metric("Density", f"{100 * stats['density']:.3g} %", help=density_text(stats["density"]))
@@ -187,15 +310,17 @@ with tab_feature:
             scale = float(stats["max_act"]) or 1.0
             if len(top):
                 st.markdown("**Top activations**")
-                contexts = _contexts(path, stamp, int(feature), tuple(int(r) for r in top["row"]), lm.tokenizer)
+                top_contexts = _contexts(path, stamp, int(feature), tuple(int(r) for r in top["row"]),
+                                         lm.tokenizer)
                 st.markdown("".join(highlight_tokens_html(c["tokens"], c["acts"], scale, c["focus"],
                                                           prefix=f"{act:.3g}")
-                                    for c, act in zip(contexts, top["act"])), unsafe_allow_html=True)
+                                    for c, act in zip(top_contexts, top["act"])), unsafe_allow_html=True)
             samples = data["intervals"]
             if len(samples):
                 with st.expander("Samples from activation intervals", expanded=False):
                     contexts = _contexts(path, stamp, int(feature), tuple(int(r) for r in samples["row"]),
                                          lm.tokenizer)
+                    interval_contexts = contexts
                     blocks = []
                     for interval, group in samples.groupby("interval", sort=False):
                         first = group.iloc[0]
@@ -206,6 +331,8 @@ with tab_feature:
                             blocks.append(highlight_tokens_html(ctx["tokens"], ctx["acts"], scale, ctx["focus"],
                                                                 prefix=f"{samples.loc[index, 'act']:.3g}"))
                     st.markdown("".join(blocks), unsafe_allow_html=True)
+            with export_row:
+                _downloads(int(feature), data, top_contexts, interval_contexts, title)
             st.markdown("**Nearest features** (decoder cosine)")
             neighbours = data["neighbours"]
             cols = st.columns(5)
@@ -239,14 +366,16 @@ with tab_feature:
 with tab_list:
     scored = bool(len(words)) and bool(words[["detection", "fuzzing"]].notna().any().any())
     sorts = {**SORTS, **(SCORE_SORTS if scored else {})}
+    if st.session_state.get("features_sort") not in sorts:  # a link's score sort on a dashboard without scores
+        st.session_state["features_sort"] = "density"
     cols = st.columns([3, 2, 1.4, 2, 2] + ([2] if scored else []))
     search = cols[0].text_input("Search tokens and logits", key="features_search",
                                 placeholder="a word, or a feature id")
     sort = cols[1].selectbox("Sort by", list(sorts), key="features_sort")
-    descending = cols[2].toggle("Descending", value=True, key="features_desc")
-    hide_dense = cols[3].checkbox(f"Hide dense (>{100 * DENSE_DENSITY:g} %)", value=True, key="features_hide_dense")
-    min_max = cols[4].number_input("Min max activation", min_value=0.0, value=0.0, key="features_min_max")
-    min_detection = cols[5].slider("Min detection score", 0.0, 1.0, 0.0, 0.05, key="features_min_detection",
+    descending = cols[2].toggle("Descending", key="features_desc")
+    hide_dense = cols[3].checkbox(f"Hide dense (>{100 * DENSE_DENSITY:g} %)", key="features_hide_dense")
+    min_max = cols[4].number_input("Min max activation", min_value=0.0, key="features_min_max")
+    min_detection = cols[5].slider("Min detection score", 0.0, 1.0, step=0.05, key="features_min_detection",
                                    help="keep explained features whose detection score reaches this (0.5 is "
                                         "chance)") if scored else 0.0
     by_score = sort in SCORE_SORTS or min_detection > 0  # the score filter and sort need every row
@@ -261,7 +390,7 @@ with tab_list:
         table = pd.DataFrame()
     st.caption(f"{len(table):,} features shown (at most 1,000); select a row to open it.")
     if len(table):
-        shown = table.assign(density=100 * table["density"], link=[f"?sae={params['sae']}&feature={f}"
+        shown = table.assign(density=100 * table["density"], link=[_link(f, chosen, entry["manifest"]["sae_name"])
                                                                     for f in table["feature"]])
         extra = [c for c in ("explanation", "detection", "fuzzing") if c in shown and shown[c].notna().any()
                  and (shown[c] != "").any()]
@@ -293,7 +422,7 @@ with tab_list:
 
 # --- what fires on my text ----------------------------------------------------------------------
 with tab_text:
-    text = st.text_area("Your text", value=DEFAULT_TEXT, key="fires_text", height=90)
+    text = st.text_area("Your text", key="fires_text", height=90)
     if text.strip():
         try:
             tokens, acts = _text_acts(path, stamp, cache_key(lm), text, lm)
@@ -370,3 +499,5 @@ with tab_map:
             st.caption("Click a point to open that feature on the Feature tab.")
         except UserError as exc:
             show_user_error(exc)
+
+_keep_view(chosen, entry["manifest"]["sae_name"], st.session_state.get("feature_id"))

@@ -1,5 +1,8 @@
-"""End to end in Chromium: open an SAE feature page by link (?sae=...&feature=N) and save a screenshot."""
+"""End to end in Chromium: open an SAE feature page by link (?sae=...&feature=N), follow a co-occurring feature
+(the URL follows), and save a screenshot."""
 from __future__ import annotations
+
+import re
 
 import pytest
 from browser_util import OUTPUT, browser_page, require_browser, streamlit_server, wait_idle
@@ -34,5 +37,7 @@ def test_feature_page_by_link(tmp_path, monkeypatch):
         other = int(partners["other"].iloc[0])
         page.get_by_role("button", name=f"#{other} ·").first.click()
         page.get_by_text(f"Feature #{other}").first.wait_for(timeout=60_000)
+        page.wait_for_url(re.compile(rf"[?&]feature={other}(&|$)"), timeout=30_000)  # the link follows the view
+        assert "dashboard=tiny-sae-dash" in page.url
         OUTPUT.mkdir(exist_ok=True)
         page.screenshot(path=str(OUTPUT / "features-tiny-feature-page.png"), full_page=True)
