@@ -22,17 +22,6 @@ def serve(argv: list[str]) -> None:
     cli.main.main(args=["run", str(Path(__file__).resolve()), *argv], prog_name="streamlit")
 
 
-if __name__ == "__main__" and not runtime.exists():
-    import sys
-
-    serve(sys.argv[1:])
-    raise SystemExit(0)
-
-from components.session import sidebar  # noqa: E402
-
-st.set_page_config(page_title="Latent Explorer", page_icon=":material/visibility:", layout="wide")
-
-HERE = Path(__file__).resolve().parent
 # (file, title, icon, url path). The url paths differ from the file names on purpose: started with
 # `streamlit run app.py` instead of `python app.py`, Streamlit's legacy mode (see serve) would map
 # /<file stem> to pages/<file stem>.py as a stand-alone script without this entry file's sidebar.
@@ -43,9 +32,28 @@ PAGES = [
     ("pages/interventions.py", "Interventions", ":material/tune:", "intervene"),
     ("pages/jobs.py", "Jobs & data", ":material/settings:", "jobs-and-data"),
 ]
+HERE = Path(__file__).resolve().parent
 
-pages = [st.Page(str(HERE / file), title=title, icon=icon, url_path=path, default=(i == 0))
-         for i, (file, title, icon, path) in enumerate(PAGES) if (HERE / file).exists()]
-navigation = st.navigation(pages)
-sidebar()
-navigation.run()
+
+def main() -> None:
+    """One script run: navigation, the shared sidebar (model picker, job tray), then the chosen page."""
+    from components.jobs_ui import job_tray
+    from components.session import sidebar
+
+    st.set_page_config(page_title="Latent Explorer", page_icon=":material/visibility:", layout="wide")
+    pages = [st.Page(str(HERE / file), title=title, icon=icon, url_path=path, default=(i == 0))
+             for i, (file, title, icon, path) in enumerate(PAGES) if (HERE / file).exists()]
+    navigation = st.navigation(pages)
+    sidebar()
+    with st.sidebar:
+        job_tray(next((page for page in pages if page.url_path == "jobs-and-data"), None))
+    navigation.run()
+
+
+if __name__ == "__main__" and not runtime.exists():
+    import sys
+
+    serve(sys.argv[1:])
+    raise SystemExit(0)
+if __name__ == "__main__":  # a Streamlit script run; a job's worker process imports this file as __mp_main__
+    main()

@@ -1,8 +1,9 @@
-"""Jobs page sections: capture activations into a store, and manage existing stores.
+"""Jobs page sections: capture activations into a store (as a job), and manage existing stores.
 
-``render_capture_section()`` starts a (resumable) capture with a progress bar;
+``render_capture_section()`` submits a (resumable) capture job and returns at once; the job list and
+the sidebar show its progress and the store appears in the table below when it is done.
 ``render_stores_section()`` lists the stores under ``cache/activations`` with their size and
-manifest, and verifies or deletes one.
+manifest, and verifies or deletes one (not while a job writes it).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import pandas as pd
 import streamlit as st
 
+from components.jobs_ui import model_params, show_session_job, submit_job
 from components.session import progress_to, show_user_error
 from engine.core.errors import UserError
 from engine.core.sites import SITES
@@ -33,14 +35,11 @@ def _corpus_spec() -> str:
 
 
 def render_capture_section(lm) -> None:
-    """Pick model (sidebar), corpus, layers, sites and size; capture with a progress bar."""
-    from engine.data.corpora import iter_texts
-    from engine.data.store import build_store, default_store_dir
-
+    """Pick model (sidebar), corpus, layers, sites and size; submit a capture job."""
     st.subheader("Capture activations")
     st.caption("Runs the corpus through the model once and stores every real token's activations as sharded "
-               "safetensors under cache/activations. Starting the same capture again resumes it, or extends it "
-               "when you ask for more tokens.")
+               "safetensors under cache/activations, as a job that goes on when you leave this page. Starting the "
+               "same capture again resumes it, or extends it when you ask for more tokens.")
     corpus = _corpus_spec()
     cols = st.columns([3, 3])
     all_layers = cols[0].checkbox("All layers", value=True, key="capture_all_layers")
@@ -56,20 +55,28 @@ def render_capture_section(lm) -> None:
     estimate = int(max_tokens) * width * (4 if dtype == "float32" else 2)
     st.caption(f"About {estimate / 2**20:,.0f} MiB on disk ({int(max_tokens):,} tokens × {len(layers)} layers × "
                f"{len(sites)} sites × {lm.d_model} dims).")
-    if not st.button("Start capture", type="primary", key="capture_start"):
-        return
-    bar = st.progress(0.0, text="starting…")
+    if st.button("Start capture", type="primary", key="capture_start"):
+        spec = {"kind": "capture", "params": {
+            **model_params(), "corpus": corpus, "sites": list(sites), "layers": "all" if all_layers else list(layers),
+            "max_tokens": int(max_tokens), "context_length": int(context), "batch_size": int(batch),
+            "store_dtype": dtype}}
+        submit_job(spec, "capture", "the store appears in the table below when it is done.")
+    show_session_job("capture")
+
+
+def _in_use(path: str) -> str | None:
+    """The job (or process) writing a store folder right now, if any."""
+    from filelock import Timeout
+
+    from engine.jobs.state import lock_holder, output_lock
+
+    lock = output_lock(path)
     try:
-        texts = iter_texts(corpus)
-        out = default_store_dir(lm, corpus, sites, layers, int(context), dtype)
-        store = build_store(lm, texts, out, layers=layers, sites=sites, max_tokens=int(max_tokens),
-                            context_length=int(context), batch_size=int(batch), dtype=dtype, corpus_spec=corpus,
-                            progress=progress_to(bar))
-    except UserError as exc:
-        show_user_error(exc)
-        return
-    bar.progress(1.0, text="done")
-    st.success(f"Stored {store.n_tokens:,} tokens ({store.size_bytes() / 2**20:,.1f} MiB) in {store.path}.")
+        lock.acquire(timeout=0)
+    except Timeout:
+        return lock_holder(path).get("job", "another process")
+    lock.release()
+    return None
 
 
 def _summary(entry: dict) -> dict:
@@ -84,7 +91,8 @@ def _summary(entry: dict) -> dict:
 
 def render_stores_section(lm) -> None:
     """Table of stores; per store its manifest, a verify button and a delete button."""
-    from engine.data.store import ActivationStore, delete_store, list_stores
+    from engine.data.store import ActivationStore, list_stores
+    from engine.data.store_admin import delete_store
 
     st.subheader("Activation stores")
     entries = list_stores()
@@ -117,7 +125,10 @@ def render_stores_section(lm) -> None:
                 st.success("Every shard matches its checksum in the manifest.")
     confirm = cols[1].checkbox(f"Yes, delete {name}", key="stores_confirm")
     if cols[2].button("Delete", disabled=not confirm, key="stores_delete"):
+        holder = _in_use(entry["path"])
         try:
+            if holder:
+                raise UserError(f"Job {holder} is writing this store; cancel it first, then delete.")
             delete_store(entry["path"])
         except UserError as exc:
             show_user_error(exc)

@@ -1,18 +1,16 @@
-"""Jobs page section: build feature dashboards of an SAE over an activation store (one streaming pass)."""
+"""Jobs page section: build feature dashboards of an SAE over an activation store (one streaming pass, as a job)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import streamlit as st
 
-from components.session import progress_to, show_user_error
-from engine.core.errors import UserError
+from components.jobs_ui import model_params, show_session_job, submit_job
 
 
 def render_dashboards_section(lm) -> None:
-    """Pick an SAE and a store of the current model, then build every feature's dashboard with progress."""
+    """Pick an SAE and a store of the current model, then submit a job that builds every feature's dashboard."""
     from engine.data.store import list_stores
-    from engine.features.build import DashboardConfig, build_dashboards
     from engine.features.read import list_dashboards
     from engine.sae.io import list_saes
 
@@ -38,13 +36,10 @@ def render_dashboards_section(lm) -> None:
     if Path(sae_dir).name in done:
         st.caption(f"Dashboards for `{Path(sae_dir).name}` exist already.")
     if st.button("Build dashboards", key="dash_build", type="primary"):
-        bar = st.progress(0.0, text="starting")
-        try:
-            out = build_dashboards(sae_dir, store["path"], lm, config=DashboardConfig(top_k=int(top_k),
-                                                                                      batch_size=int(batch)),
-                                   force=force, progress=progress_to(bar))
-        except UserError as exc:
-            show_user_error(exc)
-            return
-        st.success(f"Dashboards saved in `{out}`.")
+        spec = {"kind": "dashboards", "params": {**model_params(), "sae": str(sae_dir), "store": str(store["path"]),
+                                                 "config": {"top_k": int(top_k), "batch_size": int(batch)},
+                                                 "force": bool(force)}}
+        submit_job(spec, "dashboards", "the SAE features page lists them when it is done.", rerun=force)
+    job = show_session_job("dashboards")
+    if job is not None and job.state == "done":
         st.page_link("pages/features.py", label="Open the SAE feature browser", icon=":material/extension:")

@@ -1,20 +1,22 @@
-"""Jobs page section: train a sparse autoencoder with live curves, and the SAE report card.
+"""Jobs page section: train a sparse autoencoder (as a job), its training curves and its report card.
 
 ``render_sae_training_section()`` lets the user pick an activation store, a site/layer and the
-training settings, then trains in the page run with a progress bar and live curves of loss, L0,
-explained variance and dead %. A button trains the demo SAE (built-in corpus, default model).
+training settings, then submits a ``train_sae`` job (or the ``sae_demo`` job: capture, train and
+dashboards) and returns at once; the job list shows live curves of loss, L0, explained variance and
+dead %, and the section shows the report card once the job is done.
 ``render_sae_report_card(report)`` shows what :mod:`engine.sae.evaluation` measured.
 """
 from __future__ import annotations
 
-import time
+import json
 from pathlib import Path
 
 import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from components.session import progress_to, show_user_error
+from components.jobs_ui import get_runner, metrics_figure, show_session_job, submit_job
+from components.session import show_user_error
 from engine.core.errors import UserError
 
 CURVES = (("loss", "loss"), ("l0", "L0"), ("explained_variance", "explained variance"), ("dead_fraction", "dead %"))
@@ -86,30 +88,6 @@ def render_sae_report_card(report: dict) -> None:
 
 
 # --- training section -----------------------------------------------------------------------
-class _LiveView:
-    """Progress bar plus curves, redrawn at most every ``every`` seconds."""
-
-    def __init__(self, every: float = 1.0):
-        self.bar = st.progress(0.0, text="starting…")
-        self._progress = progress_to(self.bar)
-        self.chart = st.empty()
-        self.history: list[dict] = []
-        self.every, self.last = every, 0.0
-
-    def progress(self, fraction: float, message: str) -> None:
-        self._progress(fraction, message)
-
-    def metrics(self, record: dict) -> None:
-        self.history.append(record)
-        if time.monotonic() - self.last >= self.every:
-            self.draw()
-
-    def draw(self) -> None:
-        self.last = time.monotonic()
-        if self.history:
-            self.chart.plotly_chart(training_curves_figure(self.history), width="stretch")
-
-
 def _store_entries() -> list[dict]:
     from engine.data.store import list_stores
 
@@ -124,44 +102,79 @@ def _store_label(entry: dict) -> str:
             f"· layers {span} · {entry['name']}")
 
 
-def _train_from_store(entry: dict, site: str, layer: int, settings: dict, out: Path, view: _LiveView) -> dict:
-    from engine.data.store import ActivationStore
-    from engine.sae.evaluation import evaluate_on_store, report_to_json
-    from engine.sae.training import SAETrainConfig as TrainConfig
-    from engine.sae.training import train_sae
+def _training_form(entry: dict) -> None:
+    """Site, layer and settings for one store; the button submits a train_sae job."""
+    manifest = entry["manifest"]
+    cols = st.columns(3)
+    site = cols[0].selectbox("Site", manifest.get("sites", ["resid_post"]), key="sae_site")
+    layers = manifest.get("layers", [0])
+    layer = cols[1].selectbox("Layer", layers, index=len(layers) // 2, key="sae_layer")
+    arch = cols[2].radio("Architecture", ["topk", "standard"], horizontal=True, key="sae_arch")
+    d_in = int(manifest.get("widths", {}).get(site, manifest.get("d_model", 0)) or 0)
+    cols = st.columns(4)
+    width = cols[0].number_input("Latents (d_sae)", 16, 1 << 20, value=max(16, 8 * d_in), step=256,
+                                 key="sae_width")
+    if arch == "topk":
+        k = cols[1].number_input("k (active latents)", 1, 4096, value=32, key="sae_k")
+        l1 = 5.0
+    else:
+        l1 = cols[1].number_input("L1 coefficient", 0.0, 1000.0, value=5.0, key="sae_l1")
+        k = 32
+    lr = cols[2].number_input("Learning rate", 1e-6, 1.0, value=1e-3, format="%.5f", key="sae_lr")
+    batch = cols[3].number_input("Batch size", 16, 65536, value=1024, step=256, key="sae_batch")
+    n_tokens = int(manifest.get("n_tokens", 0))
+    cols = st.columns(2)
+    tokens = cols[0].number_input("Token budget", 1024, 10 ** 10, value=max(1024, 2 * n_tokens), step=10_000,
+                                  key="sae_tokens", help="more than the store holds means several epochs")
+    default_name = f"{Path(entry['name']).name}-L{layer}-{site}-{arch}-w{int(width)}"
+    name = cols[1].text_input("Save as (folder under cache/saes)", value=default_name, key="sae_name")
+    if not st.button("Start training", type="primary", key="sae_start"):
+        return
+    from engine.core.models import cache_root
 
-    store = ActivationStore.open(entry["path"])
-    config = TrainConfig(**settings)
-    result = train_sae(store, out, site=site, layer=layer, config=config, progress=view.progress,
-                       on_metrics=view.metrics)
-    view.draw()
-    view.progress(1.0, "evaluating on the cached activations…")
-    report = report_to_json(evaluate_on_store(result.sae, store, site=site, layer=layer))
-    return {"path": str(result.path), "report": report, "tokens_per_second": result.tokens_per_second}
+    clean = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name.strip()).strip(".")
+    if not clean:
+        st.error("Give the SAE a folder name made of letters, digits, '-', '_' or '.'.")
+        return
+    settings = dict(architecture=arch, d_sae=int(width), k=int(k), l1_coefficient=float(l1), lr=float(lr),
+                    batch_size=int(batch), total_tokens=int(tokens), warmup_steps=20, log_every=5,
+                    checkpoint_every=100)
+    spec = {"kind": "train_sae", "params": {"store": str(entry["path"]), "site": site, "layer": int(layer),
+                                            "config": settings, "out": str(cache_root() / "saes" / clean)}}
+    submit_job(spec, "sae", "its report card appears below when it is done.")
+
+
+def _show_result() -> None:
+    """The outcome of this session's last SAE job: curves, then the saved path and its report card."""
+    job = show_session_job("sae")
+    if job is None:
+        return
+    fig = metrics_figure(job, get_runner().metrics(job.id))
+    if fig is not None:
+        st.plotly_chart(fig, width="stretch", key="sae_result_curves")
+    path = (job.result or {}).get("path")
+    report = Path(path) / "report.json" if job.state == "done" and path else None
+    if report is not None and report.is_file():
+        render_sae_report_card(json.loads(report.read_text()))
 
 
 def render_sae_training_section(lm=None) -> None:
-    """Start an SAE training job (or the demo SAE) with a progress bar and live curves (stores of any model)."""
+    """Submit an SAE training job (or the demo SAE job) for a store of any model; the result shows when done."""
     st.subheader("Train a sparse autoencoder")
-    st.caption("TopK (default) or L1 SAEs on cached activations, saved in the SAELens format under cache/saes. "
-               "An interrupted run resumes from its last checkpoint when started again with the same settings.")
+    st.caption("TopK (default) or L1 SAEs on cached activations, saved in the SAELens format under cache/saes, "
+               "trained by a job that goes on when you leave this page. A cancelled or failed run resumes from its "
+               "last checkpoint when started again with the same settings.")
     try:
         entries = _store_entries()
     except UserError as exc:
         show_user_error(exc)
         entries = []
 
-    with st.expander("Demo SAE: built-in corpus on gemma-3-270m, middle layer (a few minutes on CPU)"):
+    with st.expander("Demo SAE: built-in corpus on gemma-3-270m, middle layer, with its dashboards "
+                     "(a few minutes on CPU)"):
         if st.button("Train the demo SAE", key="sae_demo_button"):
-            from engine.sae.demo import train_demo_sae
-
-            view = _LiveView()
-            try:
-                result = train_demo_sae(progress=view.progress, on_metrics=view.metrics)
-                view.draw()
-                st.session_state["sae_last_result"] = {"path": result["path"], "report": result["report"]}
-            except UserError as exc:
-                show_user_error(exc)
+            submit_job({"kind": "sae_demo", "params": {}}, "sae",
+                       "the SAE and its dashboards appear on the SAE features page when it is done.")
 
     if not entries:
         st.info("No activation store yet: cache activations above (or train the demo SAE, which captures its own).")
@@ -169,50 +182,5 @@ def render_sae_training_section(lm=None) -> None:
         labels = [_store_label(entry) for entry in entries]
         choice = st.selectbox("Activation store", range(len(entries)), format_func=lambda i: labels[i],
                               key="sae_store")
-        entry = entries[choice]
-        manifest = entry["manifest"]
-        cols = st.columns(3)
-        site = cols[0].selectbox("Site", manifest.get("sites", ["resid_post"]), key="sae_site")
-        layers = manifest.get("layers", [0])
-        layer = cols[1].selectbox("Layer", layers, index=len(layers) // 2, key="sae_layer")
-        arch = cols[2].radio("Architecture", ["topk", "standard"], horizontal=True, key="sae_arch")
-        d_in = int(manifest.get("widths", {}).get(site, manifest.get("d_model", 0)) or 0)
-        cols = st.columns(4)
-        width = cols[0].number_input("Latents (d_sae)", 16, 1 << 20, value=max(16, 8 * d_in), step=256,
-                                     key="sae_width")
-        if arch == "topk":
-            k = cols[1].number_input("k (active latents)", 1, 4096, value=32, key="sae_k")
-            l1 = 5.0
-        else:
-            l1 = cols[1].number_input("L1 coefficient", 0.0, 1000.0, value=5.0, key="sae_l1")
-            k = 32
-        lr = cols[2].number_input("Learning rate", 1e-6, 1.0, value=1e-3, format="%.5f", key="sae_lr")
-        batch = cols[3].number_input("Batch size", 16, 65536, value=1024, step=256, key="sae_batch")
-        n_tokens = int(manifest.get("n_tokens", 0))
-        cols = st.columns(2)
-        tokens = cols[0].number_input("Token budget", 1024, 10 ** 10, value=max(1024, 2 * n_tokens), step=10_000,
-                                      key="sae_tokens", help="more than the store holds means several epochs")
-        default_name = f"{Path(entry['name']).name}-L{layer}-{site}-{arch}-w{int(width)}"
-        name = cols[1].text_input("Save as (folder under cache/saes)", value=default_name, key="sae_name")
-        if st.button("Start training", type="primary", key="sae_start"):
-            from engine.core.models import cache_root
-
-            clean = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name.strip()).strip(".")
-            if not clean:
-                st.error("Give the SAE a folder name made of letters, digits, '-', '_' or '.'.")
-            else:
-                settings = dict(architecture=arch, d_sae=int(width), k=int(k), l1_coefficient=float(l1), lr=float(lr),
-                                batch_size=int(batch), total_tokens=int(tokens), warmup_steps=20,
-                                log_every=5, checkpoint_every=100)
-                view = _LiveView()
-                try:
-                    st.session_state["sae_last_result"] = _train_from_store(
-                        entry, site, int(layer), settings, cache_root() / "saes" / clean, view)
-                except UserError as exc:
-                    show_user_error(exc)
-
-    last = st.session_state.get("sae_last_result")
-    if last:
-        st.success(f"Saved {last['path']}")
-        if last.get("report"):
-            render_sae_report_card(last["report"])
+        _training_form(entries[choice])
+    _show_result()

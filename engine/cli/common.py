@@ -17,7 +17,7 @@ from engine.core.errors import UserError
 
 # one module per topic
 COMMAND_MODULES = ["engine.cli.lens", "engine.cli.store", "engine.cli.sae", "engine.cli.tuned_lens",
-                   "engine.cli.dashboards", "engine.cli.interventions"]
+                   "engine.cli.dashboards", "engine.cli.interventions", "engine.cli.jobs"]
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +27,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help=f"embedded name, Hugging Face id, local folder or .gguf file (default {DEFAULT_MODEL})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--device-map", default=None, metavar="auto|balanced|JSON",
+                        help="split the model over devices with accelerate: auto, balanced, or a JSON object from "
+                             'module-name prefixes to cuda:N, cpu or disk, e.g. \'{"model.layers.20": "cuda:1", '
+                             '"model.layers.30": "disk"}\' (modules it does not name stay on --device; disk '
+                             "weights go to cache/offload)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model code from the hub to run (off by default)")
 
@@ -40,7 +45,7 @@ def load_from_args(args):
     from engine.core.models import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                      progress=say)
+                      progress=say, device_map=getattr(args, "device_map", None))
 
 
 @contextmanager

@@ -160,4 +160,9 @@ def test_jobs_section_builds_dashboards(feature_cache):
     at.checkbox(key="dash_force").check()
     at.button(key="dash_build").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
+    from engine.jobs import wait_idle
+
+    jobs = wait_idle(feature_cache / "jobs", timeout=90)  # the build runs as a job in a worker process
+    assert [j.state for j in jobs] == ["done"], [j.error for j in jobs]
+    at.run()
     assert any("Dashboards saved" in s.value for s in at.success)

@@ -185,6 +185,7 @@ def test_jobs_section_trains_and_shows_report_card(tiny_llama, tmp_path, monkeyp
 
     store_mod = pytest.importorskip("engine.data.store_writer")
     monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LATENT_EXPLORER_JOB_THREADS", "1")
     store_mod.build_store(tiny_llama, TEXTS[:30], tmp_path / "cache" / "activations" / "tiny", layers=[1, 2],
                           max_tokens=1200, context_length=32, corpus_spec="")
     script = tmp_path / "page.py"
@@ -198,6 +199,12 @@ def test_jobs_section_trains_and_shows_report_card(tiny_llama, tmp_path, monkeyp
     at.button(key="sae_start").click().run()
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
+    from engine.jobs import wait_idle
+
+    jobs = wait_idle(tmp_path / "cache" / "jobs", timeout=90)  # training runs as a job in a worker process
+    assert [j.state for j in jobs] == ["done"], [j.error for j in jobs]
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
     saved = list((tmp_path / "cache" / "saes").iterdir())
     assert len(saved) == 1 and (saved[0] / "cfg.json").is_file()
     assert load_sae(saved[0]).cfg.hook_name == "blocks.2.hook_resid_post"  # the middle of layers [1, 2]
