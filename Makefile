@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PORT ?= 8501
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint run test test-fast bench clean-cache demo-sae demo-lens
+.PHONY: install lint run serve test test-fast bench clean-cache demo-sae demo-lens
 
 $(STAMP): requirements.txt requirements-dev.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ $(STAMP): requirements.txt requirements-dev.txt Makefile
 
 install: $(STAMP)
 
-run: install
-	$(PY) app.py --server.port $(PORT) --server.headless true --server.fileWatcherType none
+SERVE := $(PY) app.py --server.port $(PORT) --server.headless true --server.fileWatcherType none
+
+run: install  ## the app on this machine only (127.0.0.1)
+	$(SERVE) --server.address 127.0.0.1
+
+serve: install  ## demo mode on the network: model allow-list, no hub downloads or remote code, data roots only
+	LATENT_EXPLORER_DEMO=1 HF_HUB_OFFLINE=1 $(SERVE) --server.address 0.0.0.0 --server.maxUploadSize 16
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -42,3 +47,13 @@ demo-sae: install  ## capture the built-in corpus on the default model and train
 
 demo-lens: install  ## train a tuned lens for the default model on the built-in corpus
 	$(PY) -m engine tuned-lens train --model gemma-3-270m --corpus builtin --steps 30 --batch-size 4 --seq-len 48 --vocab-subset 8192 --eval-tokens 128
+
+# every engine path on the GPU in bfloat16 against the CPU in float32 (install a CUDA build of torch first, see TORCH)
+GPU_CHECK_MODEL ?= gemma-3-270m
+.PHONY: gpu-check gpu-check-dry
+
+gpu-check: install  ## load, lens, tuned lens, capture, store, SAE, dashboards, search, edits, patching, latent language, device map
+	$(PY) benchmarks/gpu_check.py --device cuda --dtype bfloat16 --model $(GPU_CHECK_MODEL)
+
+gpu-check-dry: install  ## the same checks on the CPU on a tiny model: proves the script runs without a GPU
+	$(PY) benchmarks/gpu_check.py --device cpu --dtype bfloat16 --model tiny:llama

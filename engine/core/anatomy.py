@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from engine.core.devices import module_device
 from engine.core.errors import UserError
 
 ATTENTION, MLP, BRANCHES = "attention", "mlp", "branches"  # the optional parts, keys of Anatomy.missing
@@ -191,13 +192,33 @@ class Anatomy:
         config = self.model.config
         return config.get_text_config() if hasattr(config, "get_text_config") else config
 
+    # --- devices (a model split by a device map keeps its parts on several devices) ---------------
+    @property
+    def input_device(self) -> torch.device:
+        """Where the input embedding computes: where token ids go, and where captured activations are gathered."""
+        return module_device(self.embed)
+
+    @property
+    def head_device(self) -> torch.device:
+        """Where the unembedding computes (the lens is cheapest with its residual rows already there)."""
+        return module_device(self.unembed)
+
     # --- the lens read-out ------------------------------------------------------------
-    def normalize(self, resid: torch.Tensor) -> torch.Tensor:
-        """Residual stream -> what the head reads: the final norm, then OPT's ``project_out``."""
-        out = resid if self.final_norm is None else self.final_norm(resid)
+    def _normalize_here(self, resid: torch.Tensor) -> torch.Tensor:
+        """:meth:`normalize`, the result left on the device of the last module applied."""
+        out = resid
+        if self.final_norm is not None:
+            out = self.final_norm(out.to(module_device(self.final_norm)))
         if self.project_out is not None:
-            out = self.project_out(out.to(self.project_out.weight.dtype))
+            out = self.project_out(out.to(device=module_device(self.project_out), dtype=self.project_out.weight.dtype))
         return out
+
+    def normalize(self, resid: torch.Tensor) -> torch.Tensor:
+        """Residual stream -> what the head reads: the final norm, then OPT's ``project_out``.
+
+        Each module is applied on its own device; the result comes back on ``resid``'s device.
+        """
+        return self._normalize_here(resid).to(resid.device)
 
     def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The head's own scaling of raw ``unembed`` outputs, in the model's order (scale, then softcap)."""
@@ -209,16 +230,24 @@ class Anatomy:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def unembed_normed(self, normed: torch.Tensor) -> torch.Tensor:
-        """Head input -> logits; the only place the head scaling is applied."""
+    def _unembed_here(self, normed: torch.Tensor) -> torch.Tensor:
         weight = getattr(self.unembed, "weight", None)
-        if isinstance(weight, torch.Tensor) and normed.dtype != weight.dtype:
-            normed = normed.to(weight.dtype)  # Mamba keeps its residual in float32 under a bfloat16 head
-        return self.scale_logits(self.unembed(normed))
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) else normed.dtype
+        # Mamba keeps its residual in float32 under a bfloat16 head
+        return self.scale_logits(self.unembed(normed.to(device=self.head_device, dtype=dtype)))
+
+    def unembed_normed(self, normed: torch.Tensor) -> torch.Tensor:
+        """Head input -> logits; the only place the head scaling is applied. The head runs on its own device;
+        the logits come back on ``normed``'s device."""
+        return self._unembed_here(normed).to(normed.device)
 
     def logits(self, resid: torch.Tensor) -> torch.Tensor:
-        """Residual stream (pre final norm) -> logits, exactly as the model's head does it."""
-        return self.unembed_normed(self.normalize(resid))
+        """Residual stream (pre final norm) -> logits, exactly as the model's head does it.
+
+        The final norm and the head run where they live (a device map may put them on another device than
+        ``resid``); the logits come back on ``resid``'s device.
+        """
+        return self._unembed_here(self._normalize_here(resid)).to(resid.device)
 
 
 # --- finding the parts ----------------------------------------------------------------------

@@ -5,6 +5,10 @@ Sites are defined once, in :mod:`engine.core.sites`.
 Hooks are always removed, also when the forward pass raises. With ``stop_early`` the pass stops
 right after the last layer it needs, skipping the remaining layers and the unembedding (for a
 262k-token vocabulary the head alone costs as much as the whole body of a small model).
+
+A model split over several devices by a device map computes consecutive layers on different devices:
+every captured tensor is moved to one device as it is captured (the input embedding's, where the token
+ids go), so the layers of a site stack and two sites of one layer add.
 """
 from __future__ import annotations
 
@@ -36,8 +40,11 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
 
 
 @contextmanager
-def hooked(anatomy: Anatomy, sites: Mapping[str, list[int]], sink: dict, stop_early: bool = True):
-    """Install capture hooks; captured tensors land in ``sink[(site, layer)]`` (detached)."""
+def hooked(anatomy: Anatomy, sites: Mapping[str, list[int]], sink: dict, stop_early: bool = True,
+           device: torch.device | str | None = None):
+    """Install capture hooks; captured tensors land in ``sink[(site, layer)]`` (detached), all on ``device``
+    (default: the input embedding's device, :attr:`Anatomy.input_device`; a no-op on a one-device model)."""
+    target = torch.device(device) if device is not None else anatomy.input_device
     wanted = dict(sites)
     if "resid_mid" in wanted:
         for site in ("resid_pre", "attn_out"):
@@ -47,7 +54,7 @@ def hooked(anatomy: Anatomy, sites: Mapping[str, list[int]], sink: dict, stop_ea
     handles = []
 
     def saver(key):
-        return lambda hidden: sink.__setitem__(key, hidden.detach())
+        return lambda hidden: sink.__setitem__(key, hidden.detach().to(target))
 
     def stopper(module, args, output):
         raise _Stop
@@ -85,21 +92,22 @@ def capture(anatomy: Anatomy, input_ids: torch.Tensor, attention_mask: torch.Ten
             logits_positions: Sequence[int] | None = None):
     """One forward pass; returns ``(captured, output)``.
 
-    ``captured[site]`` is a tensor ``[n_layers_requested, batch, seq, width]`` in layer order,
-    ``output`` the model output (``None`` if the pass stopped early). ``logits_positions`` asks the
-    model for logits at those positions only (where its forward supports ``logits_to_keep``), so a
-    262k-vocabulary head is not applied to every position when only a few are read.
+    ``captured[site]`` is a tensor ``[n_layers_requested, batch, seq, width]`` in layer order, on the input
+    embedding's device (:attr:`Anatomy.input_device`), ``output`` the model output (``None`` if the pass
+    stopped early). ``logits_positions`` asks the model for logits at those positions only (where its
+    forward supports ``logits_to_keep``), so a 262k-vocabulary head is not applied to every position when
+    only a few are read.
     """
     model = anatomy.model
     chosen = normalize_sites(sites or {"resid_post": "all"}, anatomy.n_layers)
     sink: dict = {}
-    device = next(model.parameters()).device
+    device = anatomy.input_device
     inputs = {"input_ids": input_ids.to(device)}
     if attention_mask is not None:
         inputs["attention_mask"] = attention_mask.to(device)
     if logits_positions is not None and accepts_logits_to_keep(model):
         inputs["logits_to_keep"] = torch.tensor(list(logits_positions), device=device)
-    with hooked(anatomy, chosen, sink, stop_early=stop_early):
+    with hooked(anatomy, chosen, sink, stop_early=stop_early, device=device):
         output = run_forward(model, **inputs)
     captured = {}
     for site, layers in chosen.items():

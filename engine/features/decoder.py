@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.core.anatomy import Anatomy
-from engine.core.devices import to_host
+from engine.core.devices import module_device, module_tensor, to_host
 from engine.core.progress import Progress, report
-from engine.core.sites import get_site, site_module, weight_out_in
+from engine.core.sites import get_site, is_conv1d, site_module
 
 
 def residual_directions(anatomy: Anatomy, W_dec: torch.Tensor, site: str, layer: int) -> torch.Tensor:
@@ -29,7 +29,9 @@ def residual_directions(anatomy: Anatomy, W_dec: torch.Tensor, site: str, layer:
     """
     dirs = W_dec.detach().float()
     if get_site(site).wide:
-        weight = weight_out_in(site_module(anatomy, site, layer)).detach().float().to(dirs.device)  # [d_model, d_in]
+        module = site_module(anatomy, site, layer)
+        weight = module_tensor(module).detach().float().to(dirs.device)  # offloaded weights are read back
+        weight = weight.T if is_conv1d(module) else weight  # [d_model, d_in]
         dirs = dirs @ weight.T
     return dirs
 
@@ -41,12 +43,12 @@ def norm_gain(anatomy: Anatomy, d_model: int, device: torch.device | str) -> tup
         return torch.ones(d_model, device=device), False
     name = type(norm).__name__.lower()
     if isinstance(norm, torch.nn.LayerNorm) or ("layernorm" in name and "rms" not in name):
-        weight = getattr(norm, "weight", None)
+        weight = module_tensor(norm) if getattr(norm, "weight", None) is not None else None
         gain = weight.detach().float() if weight is not None else torch.ones(d_model)
         return gain.to(device), True
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0)
     param = next(norm.parameters(), None)
-    ones = torch.ones(1, d_model, device=param.device if param is not None else "cpu",
+    ones = torch.ones(1, d_model, device=module_device(norm),  # where it computes, also when offloaded
                       dtype=param.dtype if param is not None else torch.float32)
     with torch.no_grad():
         gain = norm(ones)[0].float() * math.sqrt(1.0 + eps)  # RMSNorm(1) = gain / sqrt(1 + eps)
@@ -60,8 +62,9 @@ def logit_effects(anatomy: Anatomy, W_dec: torch.Tensor, site: str, layer: int, 
 
     Returns ``top_ids``, ``top_values``, ``bottom_ids``, ``bottom_values`` (each ``[d_sae, n]``, on the host).
     """
-    W_U = anatomy.unembed.weight.detach()
-    device = W_U.device
+    W_U = module_tensor(anatomy.unembed).detach()  # an offloaded head is read back from its weights map
+    device = anatomy.head_device
+    W_U = W_U.to(device)
     dirs = residual_directions(anatomy, W_dec.to(device), site, layer)  # [d_sae, d_model]
     gain, centre = norm_gain(anatomy, dirs.shape[1], device)
     if centre:

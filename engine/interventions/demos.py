@@ -84,8 +84,9 @@ def tongue_thought(lm: LoadedModel, concept_a: str = "dog", concept_b: str = "wa
         got, src_out = capture(lm.anatomy, torch.tensor([src_ids]), sites={site: "all"}, stop_early=False)
     values = got[site][:, 0, -1]  # [L, d]: the last-token latent of the source at each layer
     layers = torch.arange(n_layers)
-    logits = run_row_patches(lm, tgt_ids, site, layers, torch.full_like(layers, len(tgt_ids) - 1), values, batch_size)
-    probs = to_host(torch.softmax(logits, -1)[:, token_idx])  # [L, labels]
+    probs = to_host(run_row_patches(lm, tgt_ids, site, layers, torch.full_like(layers, len(tgt_ids) - 1), values,
+                                    batch_size, measure=lambda logits: torch.softmax(logits, -1)[:, token_idx]))
+    # probs: [L, labels]; only these columns of each patched row's logits are kept
     clean = to_host(torch.softmax(forward_logits(lm, torch.tensor([tgt_ids]))[0, -1], -1)[token_idx])  # [labels]
     src_probs = to_host(torch.softmax(src_out.logits[0, -1].float(), -1)[token_idx])
     return TongueThoughtResult(

@@ -4,6 +4,10 @@ Compiling validates a spec against the model and a prompt of ``n_tokens`` tokens
 indices, finite numbers), loads its SAE, captures a patch's source activations, and returns a
 :class:`CompiledEdit`: the site, the layer and a function ``activation -> edited activation`` on
 ``[batch, positions, width]`` tensors. Nothing is hooked yet; :mod:`engine.interventions.hooks` installs edits.
+
+An edit gets the activation on whatever device its layer computes (a device map may put consecutive layers on
+different devices) and in the model's dtype: every value it holds (steering vector, patch values, index tensors,
+the SAE's output) is moved to the activation's device, and the result has the activation's device and dtype.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.core.capture import capture
+from engine.core.devices import module_device
 from engine.core.sites import EDIT_SITES, site_width
 from engine.interventions.directions import load_sae_cached, sae_feature_direction
 from engine.interventions.specs import (
@@ -70,19 +75,19 @@ def at_positions(positions: list[int] | None, fn: Edit) -> Edit:
     """Apply ``fn`` to ``h[:, positions]`` ([B, P, d]) and leave the other positions bit-identical."""
     def edit(h: torch.Tensor) -> torch.Tensor:
         if positions is None:
-            return fn(h).to(h.dtype)
+            return fn(h).to(device=h.device, dtype=h.dtype)
         idx = torch.tensor([p for p in positions if p < h.shape[1]], dtype=torch.long, device=h.device)
         if not len(idx):
             return h
         out = h.clone()
-        out[:, idx] = fn(h[:, idx]).to(h.dtype)
+        out[:, idx] = fn(h[:, idx]).to(device=h.device, dtype=h.dtype)
         return out
     return edit
 
 
 def replaced_by(values: torch.Tensor) -> Edit:
     """An edit of ``h[:, P]`` that writes ``values`` (``[P, d]``) into every batch row."""
-    return lambda h: values.to(h.dtype).expand(h.shape[0], -1, -1)
+    return lambda h: values.to(device=h.device, dtype=h.dtype).expand(h.shape[0], -1, -1)
 
 
 def _prompt_mean(h: torch.Tensor) -> torch.Tensor:
@@ -124,22 +129,22 @@ def _attached_sae(t: _Target) -> SAE:
 def _sae_edit(sae: SAE, positions: list[int] | None, change: SaeChange) -> Edit:
     """Encode, edit the activations (``change(acts_at_positions, acts_all)``), decode, keep the reconstruction error."""
     def edit(h: torch.Tensor) -> torch.Tensor:
-        x = h.float()
+        x = h.to(device=module_device(sae), dtype=torch.float32)  # the SAE computes where it lives
         enc = sae.encode_full(x)
         recon = sae.decode(enc.acts, enc.scale, enc.shift)
         acts = enc.acts.clone()  # [B, T, d_sae]
         if positions is None:
             acts = change(acts, enc.acts)
         else:
-            idx = torch.tensor(positions, dtype=torch.long, device=h.device)
+            idx = torch.tensor(positions, dtype=torch.long, device=x.device)
             acts[:, idx] = change(acts[:, idx], enc.acts)
         edited = sae.decode(acts, enc.scale, enc.shift)
         out = x + (edited - recon)
         if positions is not None:  # untouched positions stay bit-identical
-            keep = torch.ones(h.shape[1], dtype=torch.bool, device=h.device)
+            keep = torch.ones(h.shape[1], dtype=torch.bool, device=x.device)
             keep[idx] = False
             out[:, keep] = x[:, keep]
-        return out.to(h.dtype)
+        return out.to(device=h.device, dtype=h.dtype)
     return edit
 
 
@@ -164,7 +169,7 @@ def _steer(t: _Target) -> Edit:
     vector = (alpha * unit * direction.float()).to(t.device)  # [width]
     if not bool(torch.isfinite(vector).all()):
         raise InterventionError(f"alpha={alpha:g} makes the steering vector overflow to infinity; use a smaller alpha.")
-    return at_positions(t.positions, lambda h: h.float() + vector)
+    return at_positions(t.positions, lambda h: h.float() + vector.to(h.device))
 
 
 def _clamp_feature(t: _Target) -> Edit:
@@ -192,12 +197,13 @@ def _ablate_features(t: _Target) -> Edit:
     means = _reference_means(t.params.get("means"), len(features), t.device) if mode == "mean" else None
 
     def change(acts: torch.Tensor, all_acts: torch.Tensor) -> torch.Tensor:
+        where = idx.to(acts.device)
         if mode == "zero":
-            acts[..., idx] = 0.0
+            acts[..., where] = 0.0
         elif means is not None:
-            acts[..., idx] = means.to(acts.dtype).expand_as(acts[..., idx])
+            acts[..., where] = means.to(device=acts.device, dtype=acts.dtype).expand_as(acts[..., where])
         else:
-            acts[..., idx] = _prompt_mean(all_acts)[..., idx].expand_as(acts[..., idx])
+            acts[..., where] = _prompt_mean(all_acts)[..., where].expand_as(acts[..., where])
         return acts
     return _sae_edit(sae, t.positions, change)
 
@@ -215,10 +221,13 @@ def _ablate_neurons(t: _Target) -> Edit:
 
     def neuron_edit(h: torch.Tensor) -> torch.Tensor:
         out = h.clone()
-        sel = out[:, pos_idx] if pos_idx is not None else out
-        sel[..., idx] = 0.0 if mode == "zero" else _prompt_mean(h)[..., idx].expand_as(sel[..., idx])
-        if pos_idx is not None:
-            out[:, pos_idx] = sel
+        neurons_here = idx.to(h.device)
+        positions_here = pos_idx.to(h.device) if pos_idx is not None else None
+        sel = out[:, positions_here] if positions_here is not None else out
+        sel[..., neurons_here] = 0.0 if mode == "zero" else \
+            _prompt_mean(h)[..., neurons_here].expand_as(sel[..., neurons_here])
+        if positions_here is not None:
+            out[:, positions_here] = sel
         return out
     return neuron_edit
 
@@ -234,7 +243,7 @@ def _ablate_heads(t: _Target) -> Edit:
     mask = torch.ones(t.width, device=t.device)  # [width]: 0 on the ablated heads' slices
     for h in heads:
         mask[h * head_dim:(h + 1) * head_dim] = 0.0
-    return at_positions(t.positions, lambda h: h * mask.to(h.dtype))
+    return at_positions(t.positions, lambda h: h * mask.to(device=h.device, dtype=h.dtype))
 
 
 def _patch(t: _Target) -> Edit:

@@ -160,7 +160,7 @@ def dose_response(lm: LoadedModel, prompt: str, spec: Intervention, alphas: Sequ
 
     def batched(h: torch.Tensor) -> torch.Tensor:  # alpha_r * (edit(h) - h) per row r
         delta = edit.fn(h).float() - h.float()
-        return (h.float() + scale[:, None, None] * delta).to(h.dtype)
+        return (h.float() + scale.to(h.device)[:, None, None] * delta).to(h.dtype)
 
     batch = torch.tensor([ids]).expand(len(alphas), -1)
     clean = forward_logits(lm, torch.tensor([ids]))[0, -1]  # [V]

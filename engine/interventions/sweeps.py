@@ -3,7 +3,9 @@
 Sweeps are batched: the target prompt is repeated along the batch and each row carries its own patch,
 selected with index tensors inside one hook per layer, so a sweep costs ``cells / batch_size`` forwards.
 Rows are ordered by layer, and the layers below a batch's lowest patched layer replay the clean run's
-recorded outputs (:func:`replayed_prefix`) instead of recomputing them.
+recorded outputs (:func:`replayed_prefix`) instead of recomputing them. Only the metric of each patched row
+is kept (``[R]`` floats), never its ``[V]`` logits: a 262k-token vocabulary times a few thousand patches would
+be gigabytes. Patch values and index tensors follow each hooked activation's device (device maps).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 
 from engine.core.anatomy import Anatomy
 from engine.core.capture import capture
-from engine.core.devices import to_host
+from engine.core.devices import oom_guard, to_host
 from engine.core.progress import Progress, report
 from engine.core.sites import EDIT_SITES, first, replace_first
 from engine.interventions.edits import CompiledEdit, at_positions, replaced_by
@@ -108,33 +110,38 @@ def _clean_layer_outputs(lm: LoadedModel, ids: list[int]) -> list[Any]:
 
 
 def _row_edits(site: str, layers: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> list[CompiledEdit]:
-    """One edit per distinct layer; it writes ``values[r]`` at ``positions[r]`` of each row r patched there."""
+    """One edit per distinct layer; it writes ``values[r]`` at ``positions[r]`` of each row r patched there
+    (on the device and in the dtype of the activation it edits)."""
     edits = []
     for layer in torch.unique(layers).tolist():
         rows = (layers == layer).nonzero()[:, 0]
 
-        def fn(h: torch.Tensor, rows: torch.Tensor = rows) -> torch.Tensor:
+        def fn(h: torch.Tensor, rows: torch.Tensor = rows, at: torch.Tensor = positions[rows],
+               new: torch.Tensor = values[rows]) -> torch.Tensor:
             h = h.clone()
-            h[rows, positions[rows]] = values[rows].to(h.dtype)
+            h[rows.to(h.device), at.to(h.device)] = new.to(device=h.device, dtype=h.dtype)
             return h
         edits.append(CompiledEdit(site, int(layer), fn))
     return edits
 
 
 def run_row_patches(lm: LoadedModel, ids: list[int], site: str, layers: torch.Tensor, positions: torch.Tensor,
-                    values: torch.Tensor, batch_size: int = 64, progress: Progress | None = None) -> torch.Tensor:
-    """Last-position logits ``[R, V]`` of R copies of ``ids``; row r has ``values[r]`` (``values``: ``[R, d]``)
-    written at (``layers[r]``, ``positions[r]``) of ``site``. One hook per layer edits its rows through index
-    tensors.
+                    values: torch.Tensor, batch_size: int = 64, progress: Progress | None = None,
+                    measure: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """``measure(last-position logits)`` of R copies of ``ids``: ``[R, ...]`` (``[R, V]`` logits when ``measure``
+    is None); row r has ``values[r]`` (``values``: ``[R, d]``) written at (``layers[r]``, ``positions[r]``) of
+    ``site``. One hook per layer edits its rows through index tensors.
 
     Rows are run in batches ordered by layer; in each batch the layers below its lowest patched layer
-    replay the clean run's outputs instead of being computed (about half the work of a full sweep).
+    replay the clean run's outputs instead of being computed (about half the work of a full sweep). Only
+    ``measure``'s output is kept per batch, so memory grows with R times the metric's size, not R x V.
     """
+    measure = measure or (lambda logits: logits)
     total = len(layers)
     order = torch.argsort(layers, stable=True)
     out = torch.empty(0)
     base = torch.tensor([ids], device=lm.device)
-    with lm.lock:
+    with lm.lock, oom_guard("the sweep's batch size (batch_size)", "running the patching sweep"):
         clean = _clean_layer_outputs(lm, ids)
         for start in range(0, total, batch_size):
             stop = min(total, start + batch_size)
@@ -144,9 +151,11 @@ def run_row_patches(lm: LoadedModel, ids: list[int], site: str, layers: torch.Te
                                values[picked.to(values.device)].to(lm.device))
             with replayed_prefix(lm.anatomy, clean, int(chunk_layers.min()), stop - start):
                 logits = forward_logits(lm, base.expand(stop - start, -1).contiguous(), edits, last_only=True)
+            kept = measure(logits[:, -1])  # [B, ...]
+            del logits
             if not len(out):
-                out = torch.empty((total, logits.shape[-1]), dtype=logits.dtype, device=logits.device)
-            out[picked.to(out.device)] = logits[:, -1]
+                out = torch.empty((total, *kept.shape[1:]), dtype=kept.dtype, device=kept.device)
+            out[picked.to(out.device)] = kept
             report(progress, stop / total, f"patched {stop} of {total}")
     return out
 
@@ -230,7 +239,7 @@ def patch_sweep(lm: LoadedModel, source: str | Sequence[int], target: str | Sequ
         grid = _layer_layer_grid(lm, src_ids, tgt_ids, source_position, target_position)
     if batched:
         values = src_acts[grid.s_layers.to(src_acts.device), grid.s_pos.to(src_acts.device)]  # [R, d]
-        cells = measure(run_row_patches(lm, tgt_ids, site, grid.t_layers, grid.t_pos, values, batch_size, progress))
+        cells = run_row_patches(lm, tgt_ids, site, grid.t_layers, grid.t_pos, values, batch_size, progress, measure)
     else:
         cells = _looped_cells(lm, tgt_ids, site, grid, src_acts, measure, progress)
     return SweepResult(kind, metric, to_host(cells.reshape(grid.shape)).numpy(), grid.rows, grid.cols, target_value,
