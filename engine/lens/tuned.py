@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from engine.core.anatomy import Anatomy
-from engine.core.devices import to_host
+from engine.core.devices import module_tensor, to_host
 from engine.core.errors import UserError
 from engine.core.fileio import atomic_write
 
@@ -54,7 +54,7 @@ def unembed_hash(anatomy: Anatomy) -> str:
 
     ``array_str`` summarises big arrays to their corners, so this is cheap and tolerant of dtype.
     """
-    weight = to_host(anatomy.unembed.weight, torch.float32).numpy()
+    weight = to_host(module_tensor(anatomy.unembed), torch.float32).numpy()
     return hashlib.sha256(np.array_str(weight, precision=1).encode()).hexdigest()
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from engine.core.anatomy import Anatomy
 from engine.core.capture import _Stop as StopForward
 from engine.core.capture import hooked, pad_batch, run_forward
+from engine.core.devices import module_tensor
 from engine.core.sites import normalize_sites
 from engine.data.windows import iter_windows
 from engine.lens.tuned import TunedLensError
@@ -91,7 +92,7 @@ def _capture_resid(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> to
     anatomy = lm.anatomy
     sink: dict = {}
     sites = normalize_sites({"resid_pre": [0], "resid_post": "all"}, anatomy.n_layers)
-    device = next(anatomy.model.parameters()).device
+    device = lm.device
     with lm.lock, hooked(anatomy, sites, sink, stop_early=False):
         handle = anatomy.layers[anatomy.n_layers - 1].register_forward_hook(_stop_after_last_layer)
         try:
@@ -134,12 +135,14 @@ class ReadoutHead:
     def __init__(self, anatomy: Anatomy, vocab_ids: torch.Tensor | None):
         self.anatomy = anatomy
         self.ids = vocab_ids
-        self.dtype = anatomy.unembed.weight.dtype
+        weight = module_tensor(anatomy.unembed).detach()
+        self.dtype = weight.dtype
         if vocab_ids is not None:
-            weight = anatomy.unembed.weight.detach()
-            self.weight = weight.index_select(0, vocab_ids.to(weight.device))
-            bias = getattr(anatomy.unembed, "bias", None)
-            self.bias = bias.detach().index_select(0, vocab_ids.to(bias.device)) if bias is not None else None
+            head = anatomy.head_device
+            self.weight = weight.to(head).index_select(0, vocab_ids.to(head))
+            bias = module_tensor(anatomy.unembed, "bias") if getattr(anatomy.unembed, "bias", None) is not None \
+                else None
+            self.bias = bias.detach().to(head).index_select(0, vocab_ids.to(head)) if bias is not None else None
 
     @property
     def size(self) -> int:
@@ -150,12 +153,9 @@ class ReadoutHead:
         resid = resid.to(self.dtype)
         if self.ids is None:
             return self.anatomy.logits(resid).float()
-        logits = nn.functional.linear(self.anatomy.normalize(resid), self.weight, self.bias)
-        if self.anatomy.logit_scale is not None:
-            logits = logits * self.anatomy.logit_scale
-        if self.anatomy.softcap is not None:
-            logits = torch.tanh(logits / self.anatomy.softcap) * self.anatomy.softcap
-        return logits.float()
+        normed = self.anatomy.normalize(resid).to(self.weight.device)
+        logits = self.anatomy.scale_logits(nn.functional.linear(normed, self.weight, self.bias))
+        return logits.to(resid.device).float()
 
     def check(self, resid: torch.Tensor) -> None:
         """The subset read-out must equal the full read-out restricted to the subset."""

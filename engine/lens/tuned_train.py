@@ -248,7 +248,7 @@ def _restore(lm: LoadedModel, lens: TunedLens, folder: Path | None, cfg: LensTra
 @contextmanager
 def _frozen(model: nn.Module):
     """Parameters of ``model`` stop requiring gradients inside the block (restored afterwards)."""
-    changed = [p for p in model.parameters() if p.requires_grad]
+    changed = [p for p in model.parameters() if p.requires_grad and not p.is_inference()]
     for p in changed:
         p.requires_grad_(False)
     try:

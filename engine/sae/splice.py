@@ -22,11 +22,11 @@ Fn = Callable[[torch.Tensor], torch.Tensor]
 def _apply(fn: Fn, hidden: torch.Tensor, skip_first: bool) -> torch.Tensor:
     """``fn`` on ``hidden [batch, seq, width]`` (without position 0 when ``skip_first``), in its dtype."""
     if not skip_first:
-        return fn(hidden).to(hidden.dtype)
+        return fn(hidden).to(device=hidden.device, dtype=hidden.dtype)
     if hidden.ndim < 3 or hidden.shape[1] < 2:
         return hidden
     out = hidden.clone()
-    out[:, 1:] = fn(hidden[:, 1:]).to(hidden.dtype)
+    out[:, 1:] = fn(hidden[:, 1:]).to(device=hidden.device, dtype=hidden.dtype)
     return out
 
 
@@ -50,7 +50,7 @@ def read_site(anatomy: Anatomy, site: str, layer: int, fn: Callable[[torch.Tenso
     box: dict[str, torch.Tensor] = {}
     first = read_hook(anatomy, "resid_pre", layer, lambda hidden: box.__setitem__("pre", hidden))
     try:
-        second = read_hook(anatomy, "attn_out", layer, lambda hidden: fn(box.pop("pre") + hidden))
+        second = read_hook(anatomy, "attn_out", layer, lambda hidden: fn(box.pop("pre").to(hidden.device) + hidden))
     except Exception:
         first.remove()
         raise
@@ -69,11 +69,11 @@ def splice_transcoder(anatomy: Anatomy, splice: Splice, fn: Fn, skip_first_posit
                                         f"{splice.out_site} at layer {splice.out_layer} in this model.")
         x = box.pop("x")
         if not skip_first_position:
-            return fn(x).to(hidden.dtype)
+            return fn(x).to(device=hidden.device, dtype=hidden.dtype)
         if hidden.ndim < 3 or hidden.shape[1] < 2:
             return hidden
         out = hidden.clone()
-        out[:, 1:] = fn(x[:, 1:]).to(hidden.dtype)
+        out[:, 1:] = fn(x[:, 1:]).to(device=hidden.device, dtype=hidden.dtype)
         return out
 
     try:
@@ -88,7 +88,7 @@ def splice_transcoder(anatomy: Anatomy, splice: Splice, fn: Fn, skip_first_posit
 def sae_replacement(sae: SAE) -> Fn:
     """``hidden [..., d_in]`` -> the SAE's output ``[..., d_out]`` in the SAE's dtype."""
     def fn(hidden: torch.Tensor) -> torch.Tensor:
-        return sae(hidden.to(sae.W_enc.dtype))
+        return sae(hidden.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype))
     return fn
 
 

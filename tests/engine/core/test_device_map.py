@@ -358,3 +358,15 @@ def test_tied_embedding_and_head_stay_on_one_device(tmp_path):
         assert max_diff(whole.model(_ids(whole)).logits, split.model(_ids(split)).logits) < ATOL
     with pytest.raises(ModelLoadError, match="share one weight .* must be on the same device"):
         load_model(str(tmp_path / "model"), device_map={"lm_head": "disk", "model.embed_tokens": "cpu"})
+
+
+@pytest.mark.parametrize("vocab_subset", [None, 64])
+def test_tuned_lens_training(whole, split, tmp_path, vocab_subset):
+    """Tuned-lens training reads the head through offloaded modules (full vocabulary and a vocabulary subset)."""
+    from engine.lens.tuned_train import LensTrainConfig, train_tuned_lens
+
+    texts = [f"Text {i} is about cats, dogs and the weather in town." for i in range(12)]
+    config = LensTrainConfig(steps=3, batch_size=2, seq_len=16, vocab_subset=vocab_subset, subset_windows=4,
+                             heldout_fraction=0.0, checkpoint_every=10)
+    results = [train_tuned_lens(lm, texts, tmp_path / name, config) for name, lm in (("a", whole), ("b", split))]
+    assert max_diff(torch.tensor(results[0].losses), torch.tensor(results[1].losses)) < ATOL
