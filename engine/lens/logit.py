@@ -21,7 +21,7 @@ import torch
 
 from engine.core.anatomy import Anatomy
 from engine.core.capture import capture
-from engine.core.devices import to_host
+from engine.core.devices import oom_guard, to_host
 from engine.core.errors import UserError
 from engine.lens.tokens import Continuation, continuation
 
@@ -266,8 +266,9 @@ def run_lens(lm: LoadedModel, prompt: str | Sequence[int], *, top_k: int = 10, t
         pos = torch.tensor(chosen_positions, device=captured["resid_post"].device)
         per_site = {site: tensor[:, 0].index_select(1, pos) for site, tensor in captured.items()}
         resid = torch.stack([per_site[site][i if site != "resid_pre" else 0] for site, i in source])
-        stats = lens_stats(anatomy, resid, top_k=top_k, tracked_ids=tracked_ids, transform=transform,
-                           row_hidden_index=hidden_index, budget_bytes=budget_bytes)
+        with oom_guard("the lens memory budget (budget_bytes) or the number of positions", doing="reading the lens"):
+            stats = lens_stats(anatomy, resid, top_k=top_k, tracked_ids=tracked_ids, transform=transform,
+                               row_hidden_index=hidden_index, budget_bytes=budget_bytes)
         # self-check: last layer through the lens == the model's own logits, at every position read out
         with torch.inference_mode():
             last = anatomy.logits(per_site["resid_post"][-1]).float()

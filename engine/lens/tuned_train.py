@@ -267,23 +267,26 @@ def _step_loss(lens: TunedLens, head: ReadoutHead, rows: torch.Tensor, budget_by
     each chunk into a detached copy of the translated residuals, then into the lens once.
     """
     n_layers, n_tokens = lens.n_layers, rows.shape[1]
-    with torch.no_grad():
-        teacher = torch.log_softmax(head.logits(rows[-1]), -1)            # [N, V]
     translated = lens.translate_all(rows[:-1].float())                      # [L, N, d] with graph
     leaf = translated.detach().requires_grad_(True)
-    flat = leaf.reshape(n_layers * n_tokens, -1)
-    chunk = rows_per_chunk(head.size, budget_bytes)
+    # the teacher block and one student block share the budget: never a full [N, V] teacher
+    chunk = max(1, rows_per_chunk(head.size, budget_bytes) // 2)
     per_layer = torch.zeros(n_layers, dtype=torch.float64)
     denominator = n_layers * n_tokens
-    for start in range(0, flat.shape[0], chunk):
-        stop = min(start + chunk, flat.shape[0])
-        token = torch.arange(start, stop, device=flat.device) % n_tokens
-        layer = torch.arange(start, stop) // n_tokens
-        logq = torch.log_softmax(head.logits(flat[start:stop]), -1)
-        kl = kl_from_logprobs(teacher[token], logq)                         # KL(p || q) per row, [c]
-        (kl.sum() / denominator).backward()
-        per_layer.index_add_(0, layer, to_host(kl, torch.float64))
-        del logq, kl
+    for t0 in range(0, n_tokens, chunk):
+        t1 = min(t0 + chunk, n_tokens)
+        with torch.no_grad():
+            teacher = torch.log_softmax(head.logits(rows[-1, t0:t1]), -1)  # [c, V]
+        layers_per_block = max(1, chunk // (t1 - t0))
+        for l0 in range(0, n_layers, layers_per_block):
+            l1 = min(l0 + layers_per_block, n_layers)
+            block = leaf[l0:l1, t0:t1]                                      # [l, c, d]
+            logq = torch.log_softmax(head.logits(block.reshape(-1, block.shape[-1])), -1)
+            kl = kl_from_logprobs(teacher, logq.view(l1 - l0, t1 - t0, -1))  # KL(p || q), [l, c]
+            (kl.sum() / denominator).backward()
+            per_layer[l0:l1] += to_host(kl, torch.float64).sum(1)
+            del logq, kl
+        del teacher
     translated.backward(leaf.grad)
     per_layer /= n_tokens
     return float(per_layer.mean()), per_layer.tolist()

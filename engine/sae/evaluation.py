@@ -17,6 +17,7 @@ hook pair: its input site is read, its output site replaced by its output.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Iterator
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.core.capture import hooked, pad_batch, run_forward
+from engine.core.devices import module_device, oom_guard
 from engine.core.errors import UserError
 from engine.core.progress import Progress, report
 from engine.sae.attach import Splice, pick_site, resolve_splice
@@ -120,26 +122,34 @@ def _forward(model, input_ids, mask):
     return run_forward(model, input_ids=input_ids, attention_mask=mask)
 
 
-def _model_batch(sae: SAE, lm, splice: Splice, input_ids, mask, compute_ce: bool) -> tuple[torch.Tensor, ...]:
-    """One batch: ``(x [n, d_in], y [n, d_out])`` at real positions >= 1, and the three outputs (or None)."""
+def _model_batch(sae: SAE, lm, splice: Splice, input_ids, mask, compute_ce: bool) -> tuple:
+    """One batch: ``(x [n, d_in], y [n, d_out])`` at real positions >= 1, and the ``(sum, count)`` of the
+    next-token cross-entropy clean, spliced and zero-ablated (or None). Each forward's ``[B, T, V]`` logits
+    are reduced to two numbers before the next forward runs, so only one such tensor is alive at a time."""
     anatomy, model = lm.anatomy, lm.model
     wanted: dict[str, list[int]] = {splice.in_site: [splice.in_layer]}
     wanted.setdefault(splice.out_site, [])
     wanted[splice.out_site] = sorted({*wanted[splice.out_site], splice.out_layer})
     sink: dict = {}
-    spliced = zeroed = None
-    with lm.lock:
+    sums: list[tuple[float, int]] = []
+
+    def ce_of(output) -> None:
+        sums.append(_ce_sums(output.logits, input_ids, mask))
+
+    with lm.lock, oom_guard("the evaluation batch_size or context_length", doing="evaluating the SAE"):
         with hooked(anatomy, wanted, sink, stop_early=not compute_ce):
             clean = _forward(model, input_ids, mask)
         if compute_ce:
+            ce_of(clean)
+            del clean
             with splice_sae(anatomy, sae, splice):
-                spliced = _forward(model, input_ids, mask)
+                ce_of(_forward(model, input_ids, mask))
             with replace_site(anatomy, splice.out_site, splice.out_layer, torch.zeros_like):
-                zeroed = _forward(model, input_ids, mask)
+                ce_of(_forward(model, input_ids, mask))
     keep = mask[:, 1:].bool()
     x = _captured(sink, splice.in_site, splice.in_layer)[:, 1:][keep].to(sae.W_enc.dtype)
     y = _captured(sink, splice.out_site, splice.out_layer)[:, 1:][keep].to(sae.W_enc.dtype)
-    return x, y, clean, spliced, zeroed
+    return x, y, (sums if compute_ce else None)
 
 
 @torch.no_grad()
@@ -152,7 +162,9 @@ def evaluate_with_model(sae: SAE, lm, texts: Iterable[str], *, site: str | None 
     ``site``/``layer`` (and for a transcoder ``out_site``/``out_layer``) override the config's hooks.
     """
     splice = resolve_splice(sae, lm.anatomy, site, layer, out_site, out_layer)
-    sae = sae.to(lm.device).eval()
+    if module_device(sae) != lm.device:  # never move the caller's (possibly cached) SAE
+        sae = copy.deepcopy(sae).to(lm.device)
+    sae = sae.eval()
     stats = ReconStats(sae.d_sae, lm.device)
     ce = {"clean": [0.0, 0], "spliced": [0.0, 0], "zero_ablated": [0.0, 0]}
     tokenizer = lm.tokenizer
@@ -161,14 +173,12 @@ def evaluate_with_model(sae: SAE, lm, texts: Iterable[str], *, site: str | None 
         if stats.n >= max_tokens:
             break
         input_ids, mask = input_ids.to(lm.device), mask.to(lm.device)
-        x, y, *outs = _model_batch(sae, lm, splice, input_ids, mask, compute_ce)
+        x, y, sums = _model_batch(sae, lm, splice, input_ids, mask, compute_ce)
         y_hat, acts = sae.reconstruct(x)
         stats.update(y, y_hat, acts)
-        if compute_ce:
-            for name, out in zip(ce, outs):
-                total, count = _ce_sums(out.logits, input_ids, mask)
-                ce[name][0] += total
-                ce[name][1] += count
+        for name, (total, count) in zip(ce, sums or ()):
+            ce[name][0] += total
+            ce[name][1] += count
         report(progress, stats.n / max_tokens, f"evaluated {stats.n:,} tokens")
     result = stats.result(n_bins)
     result["ce"] = _ce_report(ce) if compute_ce else None

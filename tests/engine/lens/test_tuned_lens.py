@@ -189,6 +189,7 @@ def test_cli_train_and_eval(tmp_path, capsys, monkeypatch):
     from engine.cli.common import main
 
     monkeypatch.setattr(engine.cli.common, "COMMAND_MODULES", ["engine.cli.tuned_lens"])  # only this topic's parser
+    monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(tmp_path / "cache"))  # train runs as a job in this cache
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(TEXTS))
@@ -230,3 +231,29 @@ def test_comparison_figure_and_disagreement(small_lm):
     other = run_lens(small_lm, "A different prompt", top_k=5)
     with pytest.raises(ValueError):
         disagreement(plain, other)
+
+
+def test_step_loss_is_the_same_under_any_memory_budget(small_lm, monkeypatch):
+    """The KL step works in token x layer blocks within ``budget_bytes`` (no full [N, V] teacher); the loss and
+    the gradients do not depend on the block sizes, and no head call sees more rows than the budget allows."""
+    from engine.lens import tuned_train
+    from engine.lens.tuned_data import rows_per_chunk
+
+    windows = [small_lm.tokenizer(f"Sentence number {i} about cats and dogs.")["input_ids"][:12] for i in range(3)]
+    rows, _ = capture_rows(small_lm, windows)
+    head = ReadoutHead(small_lm.anatomy, None)
+    seen: list[int] = []
+    logits = head.logits
+    monkeypatch.setattr(head, "logits", lambda resid: seen.append(resid.reshape(-1, resid.shape[-1]).shape[0])
+                        or logits(resid))
+    results = []
+    for budget in (1 << 30, head.size * 4 * 6 * 5):  # everything at once; 5 rows per block
+        lens = _randomize(TunedLens.for_model(small_lm), scale=0.01)
+        seen.clear()
+        loss, per_layer = tuned_train._step_loss(lens, head, rows, budget)
+        results.append((loss, per_layer, [t.weight.grad.clone() for t in lens.translators]))
+        assert max(seen) <= max(1, rows_per_chunk(head.size, budget))
+    (loss_a, layers_a, grads_a), (loss_b, layers_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert np.allclose(layers_a, layers_b, rtol=1e-5, atol=1e-7)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads_a, grads_b))
