@@ -59,13 +59,9 @@ def cached_model_folders() -> list[Path]:
 
 
 def _hub_cached(repo_id: str) -> bool:
-    """Whether a hub model's config is already in the local Hugging Face cache (so loading downloads nothing)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
+    from engine.core.sources import hub_cached  # imports torch: only when a hub id is checked
 
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # invalid repo ids and missing packages both mean "not cached"
-        return False
+    return hub_cached(repo_id)
 
 
 def _looks_like_path(spec: str) -> bool:

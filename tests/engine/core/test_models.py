@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from engine.cli.common import main
-from engine.core.models import ModelLoadError, _is_complete, load_model, resolve
+from engine.core.models import ModelLoadError, load_model, resolve
+from engine.core.sources import _is_complete
 from engine.lens.logit import run_lens
 
 
@@ -120,12 +121,12 @@ def test_unknown_hub_id_offline_fails_at_once(monkeypatch):
 def test_unknown_hub_id_without_network_fails_at_once(monkeypatch):
     import time
 
-    import engine.core.models as models
+    import engine.core.sources as sources
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "_hub_offline", lambda: False)
-    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=1.0: False)
+    monkeypatch.setattr(sources, "_hub_offline", lambda: False)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda timeout=1.0: False)
     start = time.perf_counter()
     with pytest.raises(ModelLoadError, match="cannot be reached"):
         load_model("no-such-org/no-such-model-unreachable")

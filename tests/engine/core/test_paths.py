@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.core import paths, serving
+from engine import serving
+from engine.core import paths
 from engine.core.errors import UserError
 from engine.core.paths import PathNotAllowed
 from engine.serving import NotAllowed, ServingPolicy
