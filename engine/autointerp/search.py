@@ -156,30 +156,22 @@ def features_like_text(lm, sae, text: str, limit: int = 20, *, build_dir: str | 
     large activation scales do not crowd out the rest."""
     import torch
 
-    from engine.core.capture import capture
+    from engine.core.devices import to_host
+    from engine.features.folder import DashboardError
+    from engine.features.text import text_hidden
 
     if not (text or "").strip():
         raise AutointerpError("Enter some text to find the features it brings out.")
     if rank_by not in ("activation", "relative") or (rank_by == "relative" and build_dir is None):
         raise AutointerpError("Rank by 'activation', or by 'relative' with the dashboard folder given.")
     site, layer = sae.cfg.site()
-    ids = lm.tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens)["input_ids"]
-    special = set(lm.tokenizer.all_special_ids or [])
-    skip = 0
-    while skip < ids.shape[1] and int(ids[0, skip]) in special:
-        skip += 1
-    if skip >= ids.shape[1]:
-        raise AutointerpError("The text has no ordinary tokens; enter some words.")
-    param = next(sae.parameters())
+    try:
+        _, hidden = text_hidden(lm, sae, site, layer, text, max_tokens)  # [T, d_in] on the SAE's device
+    except DashboardError as exc:
+        raise AutointerpError(str(exc)) from exc
     with torch.no_grad():
-        with lm.lock:
-            captured, _ = capture(lm.anatomy, ids, sites={site: [layer]})
-        hidden = captured[site][0, 0, skip:].to(param.device, param.dtype)
-        if hidden.shape[-1] != sae.d_in:
-            raise AutointerpError(f"The SAE expects d_in={sae.d_in}, but the model's {site} has width "
-                                  f"{hidden.shape[-1]}: choose an SAE of this model.")
-        pooled = sae.encode(hidden.mean(dim=0, keepdim=True))[0].float().cpu()
-        per_token = sae.encode(hidden).float().cpu()
+        pooled = to_host(sae.encode(hidden.mean(dim=0, keepdim=True))[0], torch.float32)  # [d_sae]
+        per_token = to_host(sae.encode(hidden), torch.float32)                             # [T, d_sae]
     frame = pd.DataFrame({"feature": np.arange(sae.d_sae), "activation": pooled.numpy(),
                           "max_token_act": per_token.max(dim=0).values.numpy(),
                           "mean_token_act": per_token.mean(dim=0).numpy(),

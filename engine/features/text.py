@@ -15,13 +15,11 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def text_activations(lm: LoadedModel, sae: SAE, site: str, layer: int, text: str, max_tokens: int = 256
-                     ) -> tuple[list[str], torch.Tensor]:
-    """``(tokens, acts [T, d_sae])`` of the SAE on ``text``; the tokenizer's leading special tokens are dropped.
-
-    The SAE is often a cached, shared object: it is never moved or cast. The captured activations go to the
-    SAE's device instead, and ``acts`` comes back through :func:`~engine.core.devices.to_host` (float32, CPU).
-    """
+def text_hidden(lm: LoadedModel, sae: SAE, site: str, layer: int, text: str, max_tokens: int = 256
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [T], hidden [T, d_in])``: the text's tokens after the tokenizer's leading special tokens, and the
+    model's activation at ``site``/``layer`` on each, moved to the SAE's device (the SAE itself is never moved:
+    it is often a cached, shared object). Empty text, no ordinary tokens or a width mismatch: one sentence."""
     if not text or not text.strip():
         raise DashboardError("Enter some text to see which features fire on it.")
     ids = lm.tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens)["input_ids"]
@@ -34,6 +32,18 @@ def text_activations(lm: LoadedModel, sae: SAE, site: str, layer: int, text: str
     with lm.lock:
         captured, _ = capture(lm.anatomy, ids, sites={site: [layer]})
     hidden = captured[site][0, 0, skip:].to(module_device(sae)).float()  # [T, d_in], on the SAE's device
+    if hidden.shape[-1] != sae.d_in:
+        raise DashboardError(f"The SAE expects d_in={sae.d_in}, but the model's {site} has width "
+                             f"{hidden.shape[-1]}: choose an SAE of this model.")
+    return ids[0, skip:], hidden
+
+
+@torch.no_grad()
+def text_activations(lm: LoadedModel, sae: SAE, site: str, layer: int, text: str, max_tokens: int = 256
+                     ) -> tuple[list[str], torch.Tensor]:
+    """``(tokens, acts [T, d_sae])`` of the SAE on ``text``; ``acts`` leaves through
+    :func:`~engine.core.devices.to_host` (float32, CPU)."""
+    ids, hidden = text_hidden(lm, sae, site, layer, text, max_tokens)
     acts = to_host(sae.encode(hidden), torch.float32)  # [T, d_sae]
-    words = lm.tokenizer.batch_decode([[int(i)] for i in ids[0, skip:]])
+    words = lm.tokenizer.batch_decode([[int(i)] for i in ids])
     return words, acts

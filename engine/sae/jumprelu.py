@@ -11,9 +11,8 @@ def jumprelu(pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return pre.relu() * (pre > threshold).to(pre.dtype)
 
 
-@register_sae_class("jumprelu")
-class JumpReLUSAE(SAE):
-    """ReLU with a learned per-latent threshold."""
+class JumpReLUActivation:
+    """The JumpReLU encoder half (a per-latent ``threshold`` parameter), shared by the SAE and the transcoders."""
 
     @classmethod
     def parameter_shapes(cls, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
@@ -22,3 +21,8 @@ class JumpReLUSAE(SAE):
     def activate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pre = x @ self.W_enc + self.b_enc
         return jumprelu(pre, self.threshold), pre
+
+
+@register_sae_class("jumprelu")
+class JumpReLUSAE(JumpReLUActivation, SAE):
+    """ReLU with a learned per-latent threshold."""

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from engine.sae.base import SAE, Encoded, SAEConfig, SAELoadError, register_sae_class
-from engine.sae.jumprelu import jumprelu
+from engine.sae.jumprelu import JumpReLUActivation
 
 
 @register_sae_class("transcoder")
@@ -66,16 +66,8 @@ class SkipTranscoder(_Skip, Transcoder):
 
 
 @register_sae_class("jumprelu_transcoder")
-class JumpReLUTranscoder(Transcoder):
+class JumpReLUTranscoder(JumpReLUActivation, Transcoder):
     """JumpReLU transcoder (Gemma Scope 2)."""
-
-    @classmethod
-    def parameter_shapes(cls, cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
-        return {**super().parameter_shapes(cfg), "threshold": (cfg.d_sae,)}
-
-    def activate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pre = x @ self.W_enc + self.b_enc
-        return jumprelu(pre, self.threshold), pre
 
 
 @register_sae_class("jumprelu_skip_transcoder")
