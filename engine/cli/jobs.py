@@ -25,6 +25,21 @@ def _runner(start: bool = False) -> Runner:
     return make_runner(start=start)
 
 
+def _on_ray() -> bool:
+    return os.environ.get("LATENT_EXPLORER_RUNNER", "local").strip().lower() == "ray"
+
+
+def use_ray(address: str | None, workers: int | None) -> None:
+    """``--ray ADDRESS --workers N``: this command's jobs run on Ray (``auto``: a local Ray with N CPUs)."""
+    if address:
+        os.environ["LATENT_EXPLORER_RUNNER"] = "ray"
+        os.environ["LATENT_EXPLORER_RAY_ADDRESS"] = address
+    if workers:
+        if workers < 1:
+            raise UserError("--workers must be at least 1.")
+        os.environ["LATENT_EXPLORER_RAY_WORKERS"] = str(workers)
+
+
 def _ago(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -80,6 +95,9 @@ def _exit_leaving_workers(code: int) -> None:
 def submit_and_follow(spec: dict, *, detach: bool = False, cancel_on_interrupt: bool = False, as_json: bool = False
                       ) -> int:
     """Submit ``spec`` and follow it (what long CLI commands can call); exit code 0 done, 1 failed or cancelled."""
+    if detach and _on_ray():
+        raise UserError("--detach is not available with --ray: Ray jobs stop when this command ends; follow the "
+                        "job (or run the command in tmux/screen).")
     runner = _runner(start=True)
     job = runner.submit(spec)
     say(f"job {job.id}: {job.message or job.state}")
@@ -89,7 +107,7 @@ def submit_and_follow(spec: dict, *, detach: bool = False, cancel_on_interrupt: 
             time.sleep(0.1)
             job = runner.get(job.id)
     elif not job.finished:
-        job = follow(runner, job, detach_on_ctrl_c=not cancel_on_interrupt)
+        job = follow(runner, job, detach_on_ctrl_c=not cancel_on_interrupt and not _on_ray())
     emit(job.to_json(), as_json, describe(job))
     if job.state == "failed":
         say(f"failed: {job.error}; the log: python -m engine jobs logs {job.id}")
@@ -150,11 +168,13 @@ def _read_spec(path: str) -> dict:
 
 
 def _run(args) -> int:
+    use_ray(args.ray, args.workers)
     return submit_and_follow(_read_spec(args.spec), detach=args.detach, cancel_on_interrupt=args.cancel_on_interrupt,
                              as_json=args.json)
 
 
 def _retry(args) -> int:
+    use_ray(args.ray, args.workers)
     runner = _runner()
     spec = runner.get(runner.resolve(args.id)).spec
     return submit_and_follow({"kind": spec["kind"], "params": spec["params"]}, detach=args.detach,
@@ -181,6 +201,11 @@ def _follow_args(p) -> None:
     p.add_argument("--cancel-on-interrupt", action="store_true",
                    help="Ctrl-C cancels the job (default: Ctrl-C detaches and the job keeps running)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="run on Ray: 'auto' starts a local Ray, HOST:PORT joins a cluster (env: "
+                        "LATENT_EXPLORER_RUNNER=ray, LATENT_EXPLORER_RAY_ADDRESS)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="with --ray: CPUs of a local Ray and parts per capture/dashboard job (default: the CPUs)")
 
 
 def register(sub) -> None:

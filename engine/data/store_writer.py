@@ -38,7 +38,7 @@ import torch
 
 from engine import __version__
 from engine.core.capture import capture, pad_batch
-from engine.core.devices import DTYPES
+from engine.core.devices import DTYPES, oom_guard
 from engine.core.fileio import atomic_write, atomic_write_json, sha256_file
 from engine.core.progress import Progress, report
 from engine.core.sites import normalize_sites
@@ -178,6 +178,9 @@ def _previous_run(out: Path, settings: dict, max_tokens: int, progress: Progress
     if differs:
         raise StoreError(f"The folder '{out}' already holds a store with a different {differs[0]}; choose "
                          "another output folder or delete that store.")
+    if old.get("parts") and not old.get("complete"):  # finished parts need not be a prefix of the corpus
+        raise StoreError(f"The folder '{out}' holds an unfinished sharded capture; finish it on Ray (the same job "
+                         "with --ray) or choose another output folder.")
     shards = intact_shards(out, old, progress)
     intact = len(shards) == len(old.get("shards", []))
     resume = _Resume(shards=shards, widths=old.get("widths", {}) if shards else {},
@@ -301,7 +304,7 @@ def _capture_batch(lm: LoadedModel, windows: list[Window], first_window: int, si
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     input_ids, mask = pad_batch([w.ids for w in windows], pad)                 # [B, T]
     width = input_ids.shape[1]
-    with lm.lock:
+    with lm.lock, oom_guard("the capture batch_size or context_length", doing="capturing activations"):
         captured, _ = capture(lm.anatomy, input_ids, mask, sites={s: layers for s in sites})
     keep = _stored_mask(mask, skip, room)
     keep_dev = keep.to(lm.device)
@@ -351,7 +354,8 @@ def build_store(lm: LoadedModel, texts: Iterable[str], out: str | Path | None, *
                 layers: str | Iterable[int] = "all", sites: str | Iterable[str] = ("resid_post",),
                 max_tokens: int, context_length: int = 128, batch_size: int = 8, dtype: str = "float16",
                 corpus_spec: str = "", progress: Progress | None = None,
-                shard_tokens: int | None = None) -> ActivationStore:
+                shard_tokens: int | None = None, window_range: tuple[int, int | None] | None = None
+                ) -> ActivationStore:
     """Capture activations of ``texts`` into a store folder and return it opened.
 
     Resumable: if ``out`` already holds a store with the same settings, verified shards are kept
@@ -359,6 +363,9 @@ def build_store(lm: LoadedModel, texts: Iterable[str], out: str | Path | None, *
     tokens is returned as is; a smaller one is extended with new shards). A folder holding a store with
     other settings is refused. ``shard_tokens`` overrides the rows per shard (default: ~256 MB shards).
     ``texts`` must yield the same documents in the same order on every run (all corpora do).
+    ``window_range=(start, stop)``: capture only windows ``start`` to ``stop`` (None: to the end) of the
+    corpus, at most ``max_tokens`` rows (one part of a sharded capture, :mod:`engine.data.store_parts`);
+    ``start`` should be a multiple of ``batch_size`` so batches, and so values, equal a single run's.
     """
     _check_request(lm, max_tokens, context_length, batch_size, dtype)
     site_list = normalize_store_sites(sites)
@@ -378,7 +385,7 @@ def build_store(lm: LoadedModel, texts: Iterable[str], out: str | Path | None, *
         if resume.dropped:  # damaged shards: the manifest names only the intact ones from now on
             writer.commit(complete=False)
         _capture_into(lm, texts, writer, resume, site_list, layer_list, DTYPES[dtype], context_length, batch_size,
-                      progress)
+                      progress, window_range)
         writer.flush()
         if not writer.shards:
             raise StoreError("The corpus produced no tokens; give a corpus with some text.")
@@ -388,11 +395,14 @@ def build_store(lm: LoadedModel, texts: Iterable[str], out: str | Path | None, *
 
 def _capture_into(lm: LoadedModel, texts: Iterable[str], writer: _ShardWriter, resume: _Resume, sites: list[str],
                   layers: list[int], store_dtype: torch.dtype, context_length: int, batch_size: int,
-                  progress: Progress | None) -> None:
-    """Batches of windows from ``resume.start_window`` on, until ``max_tokens`` rows are stored."""
+                  progress: Progress | None, window_range: tuple[int, int | None] | None = None) -> None:
+    """Batches of windows from ``resume.start_window`` on (and inside ``window_range``), until ``max_tokens``
+    rows are stored."""
     max_tokens = writer.max_tokens
-    windows = itertools.islice(iter_windows(lm.tokenizer, texts, context_length), resume.start_window, None)
-    first_window, skip = resume.start_window, resume.skip_rows
+    low, high = window_range or (0, None)
+    first_window = max(resume.start_window, low)
+    skip = resume.skip_rows if first_window == resume.start_window else 0
+    windows = itertools.islice(iter_windows(lm.tokenizer, texts, context_length), first_window, high)
     rows_done = writer.n_tokens
     if rows_done >= max_tokens:  # an interrupted capture that already holds enough rows: just finish it
         return

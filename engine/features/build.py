@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine import __version__
-from engine.core.devices import pick_device, to_host
+from engine.core.devices import oom_guard, pick_device, to_host
 from engine.core.fileio import atomic_write_json
 from engine.core.progress import Progress
 from engine.features.accumulate import FeatureAccumulator
@@ -103,13 +103,14 @@ def dashboard_key(sae_dir: str | Path, store: ActivationStore, config: Dashboard
     return f"{slug}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
-def _row_batches(store: ActivationStore, site: str, layer: int, batch_size: int, skip_first: bool
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """``(x [B, d_in], rows [B], stop)`` over the store in order: activations and global row ids (position 0
-    dropped), and the store row where the batch ends."""
+def _row_batches(store: ActivationStore, site: str, layer: int, batch_size: int, skip_first: bool,
+                 first: int = 0, end: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """``(x [B, d_in], rows [B], stop)`` over store rows ``first`` to ``end`` in order: activations and global
+    row ids (position 0 dropped), and the store row where the batch ends."""
     positions = store.positions()
-    for start in range(0, store.n_tokens, batch_size):
-        stop = min(start + batch_size, store.n_tokens)
+    end = store.n_tokens if end is None else end
+    for start in range(first, end, batch_size):
+        stop = min(start + batch_size, end)
         x = store.read(site, layer, slice(start, stop))
         rows = torch.arange(start, stop)
         if skip_first:
@@ -130,10 +131,12 @@ def _up_to_date(out: Path, key: str) -> bool:
 
 def build_dashboards(sae_dir: str | Path, store_dir: str | Path, lm: LoadedModel, out: str | Path | None = None, *,
                      config: DashboardConfig | None = None, force: bool = False,
-                     progress: Progress | None = None) -> Path:
+                     progress: Progress | None = None, accumulator: FeatureAccumulator | None = None) -> Path:
     """Build every feature's dashboard; returns the folder (an up-to-date one is returned as is).
 
-    ``lm`` is the store's model (for the unembedding, final norm and token strings).
+    ``lm`` is the store's model (for the unembedding, final norm and token strings). ``accumulator``: the
+    pass over the store done elsewhere (e.g. parts from :func:`accumulate_rows` merged on Ray); it must
+    cover every row of the store with this ``config``.
     """
     from engine.data.store import ActivationStore
     from engine.sae.io import load_sae
@@ -163,15 +166,15 @@ def build_dashboards(sae_dir: str | Path, store_dir: str | Path, lm: LoadedModel
     device = pick_device(config.device)
     sae = sae.to(device=device, dtype=torch.float32)  # a fresh SAE of this build, not a cached one
     cooccur = 0 < config.n_cooccur and sae.d_sae <= MAX_COOCCUR_FEATURES
-    acc = FeatureAccumulator(sae.d_sae, top_k=config.top_k, n_bins=config.n_bins,
-                             reservoir=config.samples_per_interval, device=device, seed=config.seed,
-                             cooccur=cooccur)
     started = time.time()
-    with torch.no_grad():
-        for x, rows, stop in _row_batches(store, site, layer, config.batch_size, config.skip_first_position):
-            if x.shape[0]:
-                acc.update(sae.encode(x.to(device)), rows)  # [B, d_sae]
-            say(0.85 * stop / store.n_tokens, f"{stop:,}/{store.n_tokens:,} rows")
+    if accumulator is None:
+        acc = _accumulate(store, sae, site, layer, config, device, 0, store.n_tokens,
+                          lambda f, m: say(0.85 * f, m))
+    else:
+        acc, cooccur = accumulator, accumulator.co is not None
+        if acc.d_sae != sae.d_sae or acc.n_rows != n_rows:
+            raise DashboardError(f"The given accumulator holds {acc.n_rows:,} rows of {acc.d_sae:,} features; "
+                                 f"this SAE and store need {n_rows:,} rows of {sae.d_sae:,}.")
     pass_seconds = time.time() - started
 
     say(0.86, "logit effects")
@@ -192,6 +195,42 @@ def build_dashboards(sae_dir: str | Path, store_dir: str | Path, lm: LoadedModel
     atomic_write_json(manifest_path, manifest)
     say(1.0, f"{acc.n_rows:,} tokens × {sae.d_sae:,} features in {pass_seconds:.1f} s")
     return out
+
+
+def new_accumulator(sae, config: DashboardConfig, device: torch.device | str) -> FeatureAccumulator:
+    cooccur = 0 < config.n_cooccur and sae.d_sae <= MAX_COOCCUR_FEATURES
+    return FeatureAccumulator(sae.d_sae, top_k=config.top_k, n_bins=config.n_bins,
+                              reservoir=config.samples_per_interval, device=device, seed=config.seed,
+                              cooccur=cooccur)
+
+
+def _accumulate(store: ActivationStore, sae, site: str, layer: int, config: DashboardConfig,
+                device: torch.device | str, first: int, end: int, say: Progress) -> FeatureAccumulator:
+    """The streaming pass over store rows ``first`` to ``end`` (progress 0..1 of that range)."""
+    acc = new_accumulator(sae, config, device)
+    with torch.no_grad(), oom_guard("the dashboard batch size (batch_size)", "encoding the store for dashboards"):
+        for x, rows, stop in _row_batches(store, site, layer, config.batch_size, config.skip_first_position,
+                                          first, end):
+            if x.shape[0]:
+                acc.update(sae.encode(x.to(device)), rows)  # [B, d_sae]
+            say((stop - first) / max(end - first, 1), f"{stop:,}/{store.n_tokens:,} rows")
+    return acc
+
+
+def accumulate_rows(sae_dir: str | Path, store_dir: str | Path, config: DashboardConfig, first: int, end: int,
+                    progress: Progress | None = None) -> FeatureAccumulator:
+    """One part of a dashboard pass (store rows ``first`` to ``end``), to merge with the other parts'
+    (:meth:`FeatureAccumulator.merge`) and hand to :func:`build_dashboards` as ``accumulator``."""
+    from engine.data.store import ActivationStore
+    from engine.sae.io import load_sae
+
+    config.check()
+    store = ActivationStore.open(store_dir)
+    sae = load_sae(sae_dir)
+    site, layer = check_sae_store(sae, store)
+    device = pick_device(config.device)
+    sae = sae.to(device=device, dtype=torch.float32)
+    return _accumulate(store, sae, site, layer, config, device, first, end, progress or (lambda f, m: None))
 
 
 # --- the writer ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from engine.core.errors import UserError
 from engine.core.fileio import atomic_write, sha256_file
 from engine.sae.metrics import DENSE_DENSITY  # noqa: F401  (one definition, re-used by the pages)
 
-DASHBOARD_FORMAT = 2
+DASHBOARD_FORMAT = 3  # 3: order-independent interval samples and top-k ties (mergeable across workers)
 MANIFEST = "manifest.json"
 TABLES = ("features", "histograms", "top_examples", "intervals", "logits", "neighbours", "cooccurrence")
 

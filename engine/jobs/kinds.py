@@ -9,7 +9,8 @@ listing or validating jobs stays light, and every engine function used here resu
 failed job continue where it stopped when it is submitted again.
 
 Kinds: ``capture``, ``train_sae``, ``train_tuned_lens``, ``dashboards``, ``sae_demo`` (capture, train and
-dashboards in one job) and ``selftest`` (counts with checkpoints, for checking a runner without a model).
+dashboards in one job), ``explain``, ``score`` and ``labels`` (:mod:`engine.autointerp.jobs` on a dashboard) and
+``selftest`` (counts with checkpoints, for checking a runner without a model).
 """
 from __future__ import annotations
 
@@ -118,8 +119,9 @@ def run_train_sae(p: dict, job: JobContext) -> dict:
     name = f"{Path(p['store']).name}-L{layer}-{site}-{config.architecture}-w{config.width(store.width(site))}"
     out = job.claim(p["out"] or cache_root() / "saes" / name)
     job.units(config.total_tokens, "tokens")
-    result = train_sae(store, out, site=site, layer=layer, config=config, model_name=p["model_name"],
-                       progress=job.progress, on_metrics=job.metrics)
+    result = train_sae(store, out, site=site, layer=layer, target_site=p["target_site"],
+                       target_layer=p["target_layer"], config=config, model_name=p["model_name"],
+                       resume=not p["restart"], progress=job.progress, on_metrics=job.metrics)
     report = None
     if p["evaluate"]:
         job.say("evaluating on the cached activations")
@@ -128,6 +130,7 @@ def run_train_sae(p: dict, job: JobContext) -> dict:
     return {"message": f"Saved {result.path or out} ({result.steps} steps, {result.tokens:,} tokens).",
             "path": str(result.path or out), "steps": result.steps, "tokens": result.tokens,
             "resumed_from_step": result.resumed_from_step, "tokens_per_second": round(result.tokens_per_second),
+            "seconds": round(result.seconds, 2), "final": result.history[-1] if result.history else {},
             "report": "report.json" if report is not None else None}
 
 
@@ -135,9 +138,12 @@ register(Kind("train_sae", "engine.jobs.kinds:run_train_sae", summary="train a T
               params=(Param("store", "path", help="an activation store folder", must_exist=True),
                       Param("site", "str", None, optional=True),
                       Param("layer", "int", None, optional=True),
+                      Param("target_site", "str", None, optional=True, help="transcoders: the site they predict"),
+                      Param("target_layer", "int", None, optional=True, help="transcoders: default the layer"),
                       Param("config", "dict", {}, help="training settings (architecture, d_sae, k, lr, ...)"),
                       Param("model_name", "str", None, optional=True),
                       Param("evaluate", "bool", True),
+                      Param("restart", "bool", False, help="ignore an existing checkpoint"),
                       Param("out", "path", None, optional=True, help="default: cache/saes/<store>-L<layer>-...")),
               check=_check_train_sae))
 
@@ -165,17 +171,20 @@ def run_train_tuned_lens(p: dict, job: JobContext) -> dict:
             job.metrics({"step": int(found.group(1)), "kl": float(found.group(2))})
         job.progress(fraction, message)
 
-    result = train_tuned_lens(lm, p["corpus"], out, config, corpus_name=p["corpus"], progress=progress)
+    result = train_tuned_lens(lm, p["corpus"], out, config, corpus_name=p["corpus"], resume=not p["restart"],
+                              progress=progress)
     return {"message": f"Trained {result.steps_done} steps in {result.seconds:.0f} s; saved to {out}. Choose it on "
                        "the Lens page with the 'Lens' selector.",
             "path": str(out), "steps": result.steps_done, "resumed_from": result.resumed_from,
-            "final_kl": result.losses[-1] if result.losses else None}
+            "final_kl": result.losses[-1] if result.losses else None, "seconds": round(result.seconds, 1),
+            "tokens_seen": result.tokens_seen, "subset_coverage": result.subset_coverage, "model": lm.describe()}
 
 
 register(Kind("train_tuned_lens", "engine.jobs.kinds:run_train_tuned_lens", summary="train a tuned lens for a model",
               params=(*MODEL_PARAMS,
                       Param("corpus", "str", "builtin"),
                       Param("config", "dict", {}, help="training settings (steps, batch_size, seq_len, ...)"),
+                      Param("restart", "bool", False, help="ignore an existing checkpoint"),
                       Param("out", "path", None, optional=True, help="default: cache/tuned_lens/<model>")),
               check=_check_tuned_lens, inputs=_corpus_inputs))
 
@@ -234,7 +243,8 @@ def run_sae_demo(p: dict, job: JobContext) -> dict:
     job.claim(default_store_dir(lm, settings.corpus, sites=(settings.site,), layers=[layer],
                                 context_length=settings.context_length))
     split = 0.85 if p["dashboards"] else 1.0
-    result = train_demo_sae(settings, lm=lm, progress=scaled(job.progress, 0.0, split), on_metrics=job.metrics)
+    result = train_demo_sae(settings, lm=lm, progress=scaled(job.progress, 0.0, split), on_metrics=job.metrics,
+                            evaluate=p["evaluate"])
     out = {"message": f"Demo SAE saved to {result['path']}.", "path": result["path"], "store": result["store"],
            "train": result["train"], "report": "report.json" if result.get("report") else None}
     if p["dashboards"]:
@@ -250,8 +260,71 @@ register(Kind("sae_demo", "engine.jobs.kinds:run_sae_demo",
                       *MODEL_PARAMS[1:],
                       Param("settings", "dict", {}, help="DemoSettings fields (layer, width, k, train_tokens, ...)"),
                       Param("dashboards", "bool", True),
+                      Param("evaluate", "bool", True, help="the report card (L0, explained variance, CE recovered)"),
                       Param("dashboard_config", "dict", {})),
               check=_check_demo))
+
+
+# --- autointerp: explain, score, labels ---------------------------------------------------------
+def _check_autointerp(params: dict) -> None:
+    """``features`` is a list of feature ids (``"all"`` means every feature, as None does); the backend's kind is
+    checked (its model or server only in the worker)."""
+    if params.get("features") == "all":
+        params["features"] = None
+    if params.get("features") is not None and any(f < 0 for f in params["features"]):
+        raise JobSpecError("Feature ids are 0 or more.")
+    if "backend" in params and params["backend"].get("kind") not in ("local", "openai"):
+        raise JobSpecError("An autointerp job's backend is {\"kind\": \"local\", \"model\": ...} or "
+                           "{\"kind\": \"openai\", \"base_url\": ..., \"model\": ..., \"api_key_env\": ...}.")
+
+
+def run_autointerp(p: dict, job: JobContext) -> dict:
+    """One of :data:`engine.autointerp.jobs.JOB_KINDS`, with the output folder (the dashboard's, or ``out_dir``)
+    claimed, so one autointerp job writes a dashboard's tables at a time and a dashboard rebuild waits for it."""
+    from engine.autointerp.jobs import JOB_KINDS
+
+    job.claim(p.get("out_dir") or p["dashboard"])
+
+    def should_stop() -> bool:
+        job.check_cancel()  # raises JobCancelled once the cancel flag is set: the job ends as cancelled
+        return False
+
+    params = {name: value for name, value in p.items() if value is not None}
+    result = JOB_KINDS[job.kind](params, progress=job.progress, should_stop=should_stop) or {}
+    if job.kind == "labels":
+        return {"message": f"Labels saved in {result.get('path')}.", **result}
+    counts = ", ".join(f"{result[k]:,} {k}" for k in ("explained", "scored", "failed", "skipped") if k in result)
+    return {"message": f"{job.kind.capitalize()}: {counts or 'done'} ({result.get('features', 0):,} features); "
+                       f"saved to {result.get('path')}.", **result}
+
+
+_AUTOINTERP_COMMON = (
+    Param("dashboard", "path", help="a dashboard folder", must_exist=True),
+    Param("features", "layers", None, optional=True, help="a list of feature ids (default: every feature)"),
+    Param("out_dir", "path", None, optional=True, help="default: the dashboard folder"),
+)
+_BACKEND = Param("backend", "dict", help='{"kind": "local", "model": ...} or {"kind": "openai", "base_url": ..., '
+                                         '"model": ..., "api_key_env": ...}')
+register(Kind("explain", "engine.jobs.kinds:run_autointerp", summary="explain SAE features with a chat model",
+              params=(*_AUTOINTERP_COMMON, _BACKEND,
+                      Param("examples", "dict", {}, help="ExampleConfig fields"),
+                      Param("max_tokens", "int", None, optional=True)),
+              check=_check_autointerp))
+register(Kind("score", "engine.jobs.kinds:run_autointerp",
+              summary="score explanations of SAE features (detection, fuzzing) with a chat model",
+              params=(*_AUTOINTERP_COMMON, _BACKEND,
+                      Param("examples", "dict", {}, help="ExampleConfig fields"),
+                      Param("explainer", "str", None, optional=True),
+                      Param("n_activating", "int", None, optional=True),
+                      Param("n_non_activating", "int", None, optional=True),
+                      Param("methods", "str_list", None, optional=True),
+                      Param("seed", "int", None, optional=True),
+                      Param("max_tokens", "int", None, optional=True)),
+              check=_check_autointerp))
+register(Kind("labels", "engine.jobs.kinds:run_autointerp",
+              summary="cheap labels of SAE features from their top tokens",
+              params=(_AUTOINTERP_COMMON[0], _AUTOINTERP_COMMON[2]),
+              check=_check_autointerp))
 
 
 # --- selftest -----------------------------------------------------------------------------------

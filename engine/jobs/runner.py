@@ -364,11 +364,22 @@ class LocalRunner(Runner):
 
 
 def make_runner(backend: str | None = None, root: str | Path | None = None, **options) -> Runner:
-    """The runner named by ``backend`` or ``LATENT_EXPLORER_RUNNER`` (``local``, the default)."""
+    """The runner named by ``backend`` or ``LATENT_EXPLORER_RUNNER`` (``local``, the default, or ``ray``).
+
+    Ray: ``address`` (or ``LATENT_EXPLORER_RAY_ADDRESS``; ``auto`` starts a local Ray) and ``workers`` (or
+    ``LATENT_EXPLORER_RAY_WORKERS``: CPUs of a local Ray and the number of parts a job is split into).
+    """
     backend = (backend or os.environ.get("LATENT_EXPLORER_RUNNER", "local")).strip().lower()
     if backend == "local":
+        options.pop("address", None)
         return LocalRunner(root, **options)
-    raise UserError(f"Unknown job runner '{backend}'; this version has 'local' (a Ray runner comes later).")
+    if backend == "ray":
+        from engine.jobs.ray_runner import RAY_ADDRESS_ENV, RayRunner
+
+        address = options.pop("address", None) or os.environ.get(RAY_ADDRESS_ENV) or "auto"
+        workers = options.pop("workers", None) or _env_int("LATENT_EXPLORER_RAY_WORKERS")
+        return RayRunner(root, address=address, workers=workers, **options)
+    raise UserError(f"Unknown job runner '{backend}'; choose 'local' or 'ray'.")
 
 
 def wait_idle(root: str | Path | None = None, timeout: float = 300.0) -> list[JobState]:

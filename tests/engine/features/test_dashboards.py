@@ -229,6 +229,7 @@ def test_cached_and_listed_and_cli(built, lm, store_dir, tmp_path, monkeypatch, 
     from engine.cli.common import main
 
     monkeypatch.setattr(engine.core.models, "load_model", lambda *a, **k: lm)
+    monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(tmp_path / "cache"))  # the command runs as a job in this cache
     out = tmp_path / "cli"
     code = main(["dashboards", "--sae", str(sae_dir), "--store", str(store_dir), "--out", str(out), "--top-k", "5",
                  "--json"])
