@@ -294,15 +294,10 @@ def _submit(spec: dict) -> None:
                    "results once the tables are written):")
         st.code(cli_command(spec), language="bash")
         return
-    try:
-        job = runner(spec)
-    except UserError as exc:
-        show_user_error(exc)
-        return
-    job_id = getattr(job, "id", None) or (job.get("id") if isinstance(job, dict) else None)
-    st.success(f"Queued the {spec['kind']} job{f' `{job_id}`' if job_id else ''} for {what}: follow it on the "
-               "**Jobs & data** page; explanations and scores appear here as they are written.")
-    st.caption(f"Same as `{cli_command(spec)}`")
+    job = runner(spec, slot=spec["kind"], where=f"the {spec['kind']} results for {what} on this page, as they are "
+                 "written")
+    if job is not None:
+        st.caption(f"Same as `{cli_command(spec)}`")
 
 
 def _backend_widgets() -> dict:

@@ -7,6 +7,8 @@ list's ``q``, ``sort``, ``order``, ``dense``, ``min_max``, ``min_det``, the sear
 ``text`` (what fires on my text), ``test`` (the feature's test text) and the map's ``map`` and ``map_color``;
 default values are left out. The feature page downloads as one self-contained HTML file
 (:func:`components.export.feature_html`) and its tables as CSV or parquet.
+With no SAE for an embedded model, the page shows the demo SAE being built in the background
+(:mod:`components.first_run`) and opens it when ready.
 Every feature id comes with its cheap label (:mod:`engine.autointerp.labels`, built on a dashboard's first open),
 and with its explanation and scores once explained (:mod:`components.autointerp_ui`).
 """
@@ -39,6 +41,7 @@ from components.feature_views import (
     short_label,
     with_words,
 )
+from components.first_run import demo_progress, ensure_demo
 from components.lens_plots import show_token
 from components.session import cache_key, current_model, selected_customdata, show_user_error
 from engine.core.errors import UserError
@@ -225,8 +228,12 @@ st.title("SAE features")
 lm = current_model()
 entries = list_dashboards(weights_hash=lm.weights_hash)
 if not entries:
-    st.info(f"No feature dashboards for **{lm.name}** yet. Build them on the **Jobs & data** page, or run "
-            "`python -m engine dashboards --sae DIR --store DIR`.")
+    demo = ensure_demo(lm)  # first run: the demo SAE is queued in the background (LATENT_EXPLORER_NO_DEMO=1: off)
+    if demo is not None:
+        demo_progress(demo.id, lm.name)
+    else:
+        st.info(f"No feature dashboards for **{lm.name}** yet. Build them on the **Jobs & data** page, or run "
+                "`python -m engine dashboards --sae DIR --store DIR`.")
     st.stop()
 
 params = st.query_params

@@ -1,9 +1,14 @@
-"""CLI: ``dashboards`` builds every feature's dashboard of an SAE over an activation store."""
+"""CLI: ``dashboards`` builds every feature's dashboard of an SAE over an activation store.
+
+It runs as a ``dashboards`` job (after a ``capture`` job with ``--corpus``), followed with a progress bar;
+``--detach`` returns once the job has started, ``--cancel-on-interrupt`` makes Ctrl-C cancel it.
+"""
 from __future__ import annotations
 
 import argparse
 
-from engine.cli.common import emit, progress_bar, say
+from engine.cli.common import emit
+from engine.cli.store import job_args, run_job
 from engine.core.errors import UserError
 
 
@@ -11,50 +16,46 @@ class DashboardCliError(UserError):
     pass
 
 
-def _model_and_store(args):
-    """The store to read: ``--store`` as given, or ``--corpus`` captured on the fly (only the SAE's site and
-    layer, into the resumable default store folder; a second run reuses or extends it)."""
-    from engine.core.models import load_model
+def _store(args, cfg) -> tuple[str | None, str | None]:
+    """``(store folder, model)``: ``--store`` as given, or ``--corpus`` captured first by a ``capture`` job (only the
+    SAE's site and layer, into the resumable default store folder; a second run reuses it). ``(None, None)`` when
+    that job did not finish (detached, failed or cancelled)."""
     from engine.data.store import ActivationStore
-    from engine.data.store_writer import build_store, default_store_dir
-    from engine.sae.io import read_config
 
     if bool(args.store) == bool(args.corpus):
         raise DashboardCliError("Give either --store (an activation store) or --corpus (capture one now).")
     if args.store:
         store = ActivationStore.open(args.store)
-        spec = args.model or store.model_name
-        lm = load_model(spec, device=args.device, dtype=args.dtype, progress=say)
-        store.check_model(lm)
-        return lm, store
-    from engine.data.corpora import iter_texts
-
-    cfg = read_config(args.sae)
+        return str(store.path), args.model or store.model_name
     spec = args.model or cfg.model_name
     if not spec:
         raise DashboardCliError("The SAE's cfg.json names no model (metadata.model_name); pass one with --model.")
     site, layer = cfg.site()
-    lm = load_model(spec, device=args.device, dtype=args.dtype, progress=say)
-    texts = iter_texts(args.corpus)
-    out = default_store_dir(lm, args.corpus, [site], [layer], args.context_length)
-    with progress_bar("capturing") as progress:
-        store = build_store(lm, texts, out, layers=[layer], sites=[site], max_tokens=args.tokens,
-                            context_length=args.context_length, corpus_spec=args.corpus, progress=progress)
-    return lm, store
+    capture = {"kind": "capture", "params": {
+        "model": spec, "device": args.device, "dtype": args.dtype, "corpus": args.corpus, "sites": [site],
+        "layers": [layer], "max_tokens": args.tokens, "context_length": args.context_length}}
+    code, job = run_job(capture, argparse.Namespace(**{**vars(args), "detach": False}))
+    return (job.result["path"], spec) if job is not None else (None, None)
 
 
 def _run(args) -> int:
-    from engine.features.build import DashboardConfig, build_dashboards
     from engine.features.read import Dashboard
+    from engine.sae.io import read_config
 
-    lm, store = _model_and_store(args)
-    config = DashboardConfig(top_k=args.top_k, n_bins=args.bins, n_intervals=args.intervals,
-                             samples_per_interval=args.samples, n_logits=args.logits, n_neighbours=args.neighbours,
-                             n_cooccur=args.cooccur,
-                             batch_size=args.batch_size, device=args.device)
-    with progress_bar("dashboards") as progress:
-        out = build_dashboards(args.sae, store.path, lm, args.out, config=config, force=args.force,
-                               progress=progress)
+    cfg = read_config(args.sae)
+    store, model = _store(args, cfg)
+    if store is None:
+        return 1
+    config = {"top_k": args.top_k, "n_bins": args.bins, "n_intervals": args.intervals,
+              "samples_per_interval": args.samples, "n_logits": args.logits, "n_neighbours": args.neighbours,
+              "n_cooccur": args.cooccur, "batch_size": args.batch_size, "device": args.device}
+    spec = {"kind": "dashboards", "params": {"model": model, "device": args.device, "dtype": args.dtype,
+                                             "sae": args.sae, "store": store, "config": config, "force": args.force,
+                                             "out": args.out}}
+    code, job = run_job(spec, args)
+    if job is None:
+        return code
+    out = job.result["path"]
     dash = Dashboard.open(out)
     summary = dash.summary()
     payload = {"path": str(out), "features": summary["features"], "dead": summary["dead"],
@@ -88,4 +89,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=4096, help="tokens encoded per batch")
     parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date dashboard exists")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    job_args(parser)
     parser.set_defaults(handler=_run)

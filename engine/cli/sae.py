@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from engine.cli.common import add_model_args, emit, progress_bar, say
+from engine.cli.store import job_args, run_job
 from engine.core.errors import UserError
 
 
@@ -21,7 +22,7 @@ def _open_store(path: str):
 
 
 def _train(args) -> int:
-    from engine.sae.training import TRANSCODERS, SAETrainConfig, train_sae
+    from engine.sae.training import TRANSCODERS
 
     store = _open_store(args.store)
     site = args.site
@@ -33,21 +34,25 @@ def _train(args) -> int:
         raise SAECliError("A transcoder needs the site it predicts: pass --target-site (and --target-layer).")
     target_site = args.target_site if transcoder else None
     out = Path(args.out) if args.out else _default_out(store, site, layer, args)
-    config = SAETrainConfig(architecture=args.arch, d_sae=args.width, expansion_factor=args.expansion, k=args.k,
-                            l1_coefficient=args.l1, lr=args.lr, warmup_steps=args.warmup,
-                            batch_size=args.batch_size, total_tokens=args.tokens or store.n_tokens,
-                            b_dec_init=args.b_dec_init, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                            device=args.device)
-    with progress_bar(f"sae {args.arch} L{layer}") as progress:
-        result = train_sae(store, out, site=site, layer=layer, target_site=target_site,
-                           target_layer=args.target_layer if transcoder else None, config=config,
-                           resume=not args.restart, progress=progress)
-    final = result.history[-1] if result.history else {}
-    payload = {"path": str(result.path), "tokens": result.tokens, "steps": result.steps,
-               "seconds": round(result.seconds, 2), "tokens_per_second": round(result.tokens_per_second),
-               "resumed_from_step": result.resumed_from_step, "final": final}
-    text = (f"saved {result.path}\n{result.tokens:,} tokens in {result.seconds:.1f} s "
-            f"({result.tokens_per_second:,.0f} tok/s); L0 {final.get('l0', float('nan')):.1f}, "
+    config = {"architecture": args.arch, "d_sae": args.width, "expansion_factor": args.expansion, "k": args.k,
+              "l1_coefficient": args.l1, "lr": args.lr, "warmup_steps": args.warmup, "batch_size": args.batch_size,
+              "total_tokens": args.tokens or store.n_tokens, "b_dec_init": args.b_dec_init,
+              "checkpoint_every": args.checkpoint_every, "seed": args.seed, "device": args.device}
+    spec = {"kind": "train_sae", "params": {
+        "store": str(store.path), "site": site, "layer": layer, "target_site": target_site,
+        "target_layer": args.target_layer if transcoder else None, "config": config, "evaluate": False,
+        "restart": args.restart, "out": str(out)}}
+    code, job = run_job(spec, args)
+    if job is None:
+        return code
+    result = job.result
+    final = result.get("final") or {}
+    tokens_per_second = result.get("tokens_per_second") or 0
+    payload = {"path": result["path"], "tokens": result["tokens"], "steps": result["steps"],
+               "seconds": result.get("seconds"), "tokens_per_second": tokens_per_second,
+               "resumed_from_step": result.get("resumed_from_step"), "final": final}
+    text = (f"saved {result['path']}\n{result['tokens']:,} tokens in {result.get('seconds') or 0:.1f} s "
+            f"({tokens_per_second:,.0f} tok/s); L0 {final.get('l0', float('nan')):.1f}, "
             f"explained variance {final.get('explained_variance', float('nan')):.3f}, "
             f"dead {100 * final.get('dead_fraction', 0):.1f}%")
     emit(payload, args.json, text)
@@ -144,15 +149,27 @@ def _eval(args) -> int:
 
 
 def _demo(args) -> int:
-    from engine.sae.demo import DemoSettings, train_demo_sae
+    import json
 
-    settings = DemoSettings(model=args.model, layer=args.layer, capture_tokens=args.capture_tokens,
-                            train_tokens=args.train_tokens, width=args.width, k=args.k, name=args.name)
-    with progress_bar("demo SAE") as progress:
-        result = train_demo_sae(settings, progress=progress, evaluate=not args.no_eval)
+    settings = {"layer": args.layer, "capture_tokens": args.capture_tokens, "train_tokens": args.train_tokens,
+                "width": args.width, "k": args.k, "name": args.name}
+    settings = {name: value for name, value in settings.items() if value is not None}
+    spec = {"kind": "sae_demo", "params": {"model": args.model, "settings": settings, "evaluate": not args.no_eval,
+                                           "dashboards": args.dashboards}}
+    code, job = run_job(spec, args)
+    if job is None:
+        return code
+    done = job.result
+    report = None
+    if done.get("report"):
+        report = json.loads((Path(done["path"]) / done["report"]).read_text(encoding="utf-8"))
+    result = {"path": done["path"], "store": done["store"], "train": done["train"], "report": report,
+              **({"dashboards": done["dashboards"]} if done.get("dashboards") else {})}
     text = f"saved {result['path']}\ntraining: {result['train']}"
-    if result["report"]:
-        text += "\n" + _format_report(result["report"])
+    if report:
+        text += "\n" + _format_report(report)
+    if result.get("dashboards"):
+        text += f"\ndashboards: {result['dashboards']}"
     emit(result, args.json, text)
     return 0
 
@@ -197,6 +214,7 @@ def register(sub) -> None:
     p.add_argument("--out", help="output folder (default: cache/saes/<model>-L<layer>-...)")
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
     p.add_argument("--json", action="store_true")
+    job_args(p)
     p.set_defaults(handler=_train)
 
     p = inner.add_parser("eval", help="report card: L0, explained variance, CE loss recovered, dead/dense latents",
@@ -220,15 +238,17 @@ def register(sub) -> None:
 
     p = inner.add_parser("demo", help="capture the built-in corpus and train a small SAE (minutes on CPU)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--model", default=None, help="default: the demo's (gemma-3-270m)")
     p.add_argument("--layer", type=int, help="default: the middle layer")
-    p.add_argument("--capture-tokens", type=int, default=40_000)
-    p.add_argument("--train-tokens", type=int, default=120_000)
-    p.add_argument("--width", type=int, default=2048)
-    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--capture-tokens", type=int, help="default: the demo's (engine.sae.demo.DemoSettings)")
+    p.add_argument("--train-tokens", type=int, help="default: the demo's")
+    p.add_argument("--width", type=int, help="default: the demo's")
+    p.add_argument("--k", type=int, help="default: the demo's")
     p.add_argument("--name", help="folder name under cache/saes")
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--dashboards", action="store_true", help="also build the feature dashboards (as the app does)")
     p.add_argument("--json", action="store_true")
+    job_args(p)
     p.set_defaults(handler=_demo)
 
     p = inner.add_parser("info", help="describe an SAE folder")

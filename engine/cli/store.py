@@ -1,22 +1,84 @@
-"""CLI: ``cache``, ``store-info``, ``project`` and ``geometry``."""
+"""CLI: ``cache``, ``store-info``, ``project`` and ``geometry``; :func:`run_job` for the long commands.
+
+``cache`` (like ``sae train``, ``sae demo``, ``tuned-lens train`` and ``dashboards``) runs as a job of the job runner
+(:mod:`engine.jobs`): it submits the job, follows it with a progress bar and prints the same result as before.
+``--detach`` returns once the job has started (its JSON with ``--json``); Ctrl-C detaches too (the job keeps
+running in its worker process) unless ``--cancel-on-interrupt`` is given.
+"""
 from __future__ import annotations
+
+import contextlib
+import sys
 
 from engine.cli.common import add_model_args, emit, load_from_args, progress_bar
 
 
-def _cache(args) -> int:
-    from engine.data.corpora import iter_texts
-    from engine.data.store_writer import build_store, default_store_dir
+# --- long commands as jobs ----------------------------------------------------------------------
+def job_args(p) -> None:
+    """``--detach`` and ``--cancel-on-interrupt`` of a command that runs as a job."""
+    p.add_argument("--detach", action="store_true",
+                   help="submit the job and return once it has started (follow it with 'python -m engine jobs')")
+    p.add_argument("--cancel-on-interrupt", action="store_true",
+                   help="Ctrl-C cancels the job (default: Ctrl-C detaches and the job keeps running)")
 
-    lm = load_from_args(args)
-    texts = iter_texts(args.corpus)
-    out = args.out or default_store_dir(lm, args.corpus, args.sites, args.layers, args.context_length, args.store_dtype)
-    with progress_bar("capturing") as progress:
-        store = build_store(lm, texts, out, layers=args.layers, sites=args.sites, max_tokens=args.max_tokens,
-                            context_length=args.context_length, batch_size=args.batch_size, dtype=args.store_dtype,
-                            corpus_spec=args.corpus, progress=progress, shard_tokens=args.shard_tokens)
+
+def model_params(args) -> dict:
+    """The model arguments of :func:`engine.cli.common.add_model_args` as job parameters."""
+    return {"model": args.model, "device": args.device, "dtype": args.dtype,
+            "trust_remote_code": bool(getattr(args, "trust_remote_code", False)),
+            "device_map": getattr(args, "device_map", None)}
+
+
+def run_job(spec: dict, args):
+    """Submit ``spec`` and follow it (:func:`engine.cli.jobs.submit_and_follow`).
+
+    Returns ``(0, job)`` once the job is done, so the command prints its own result; ``(code, None)`` when it was
+    detached (``--detach``: the job's JSON or line is the output), failed or was cancelled (already said on stderr).
+    A spec the runner refuses raises its one sentence (a ``UserError``) before anything runs.
+    """
+    from engine.cli.jobs import _runner, submit_and_follow
+    from engine.jobs.spec import validate
+
+    if args.detach:
+        return submit_and_follow(spec, detach=True, as_json=args.json), None
+    job_id = validate(spec).id
+    with contextlib.redirect_stdout(sys.stderr):  # the job's own line goes to stderr; stdout is the command's
+        code = submit_and_follow(spec, cancel_on_interrupt=args.cancel_on_interrupt)
+    if code != 0:
+        return code, None
+    runner = _runner()
+    job = runner.get(job_id)
+    runner.close()
+    return (0, job) if job.state == "done" else (1, None)
+
+
+# --- cache --------------------------------------------------------------------------------------
+def _parse_layers(text: str) -> str | list[int]:
+    from engine.core.errors import UserError
+    from engine.data.store import _parse_layers as parse
+
+    if text.strip().lower() in ("all", ""):
+        return "all"
+    try:
+        return sorted(parse(text))
+    except ValueError:
+        raise UserError(f"--layers takes all, 3,5,7 or 2-6, not '{text}'.") from None
+
+
+def _cache(args) -> int:
+    from engine.data.store import ActivationStore, normalize_store_sites
+
+    spec = {"kind": "capture", "params": {
+        **model_params(args), "corpus": args.corpus, "sites": normalize_store_sites(args.sites),
+        "layers": _parse_layers(args.layers), "max_tokens": args.max_tokens, "context_length": args.context_length,
+        "batch_size": args.batch_size, "store_dtype": args.store_dtype, "shard_tokens": args.shard_tokens,
+        "out": args.out}}
+    code, job = run_job(spec, args)
+    if job is None:
+        return code
+    store = ActivationStore.open(job.result["path"])
     payload = _describe(store)
-    emit(payload, args.json, f"{store.n_tokens:,} tokens of {lm.name} in {store.path} "
+    emit(payload, args.json, f"{store.n_tokens:,} tokens of {store.model_name} in {store.path} "
                              f"({payload['size_bytes'] / 2**20:.1f} MiB, {len(store.manifest['shards'])} shards)")
     return 0
 
@@ -141,6 +203,7 @@ def register(sub) -> None:
     p.add_argument("--shard-tokens", type=int, default=None, help="rows per shard (default: ~256 MB shards)")
     p.add_argument("--out", default=None, help="store folder (default: cache/activations/<model>-<key>)")
     p.add_argument("--json", action="store_true")
+    job_args(p)
     p.set_defaults(handler=_cache)
 
     p = sub.add_parser("store-info", help="describe a store and verify every shard against its manifest")

@@ -1,7 +1,8 @@
 """CLI: ``tuned-lens train`` and ``tuned-lens eval``.
 
 ``python -m engine tuned-lens train --model M --corpus C --out DIR`` trains (or resumes) a tuned
-lens and writes it in the tuned-lens checkpoint layout; ``tuned-lens eval`` prints, per layer,
+lens as a ``train_tuned_lens`` job (a progress bar; ``--detach``, ``--cancel-on-interrupt``) and writes it in the
+tuned-lens checkpoint layout; ``tuned-lens eval`` prints, per layer,
 KL to the final distribution and next-token cross-entropy for the logit lens and the tuned lens
 over held-out text (``--json`` for machine-readable output).
 """
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from engine.cli.common import add_model_args, emit, load_from_args, progress_bar
+from engine.cli.store import job_args, model_params, run_job
 
 
 def _table(comparison) -> str:
@@ -23,30 +25,32 @@ def _table(comparison) -> str:
 
 
 def _train(args) -> int:
-    from engine.lens.compare import compare_lenses
-    from engine.lens.tuned import default_lens_dir
-    from engine.lens.tuned_train import LensTrainConfig, train_tuned_lens
-
-    lm = load_from_args(args)
-    out = Path(args.out) if args.out else default_lens_dir(lm.name)
-    config = LensTrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                             optimizer=args.optimizer, lr=args.lr, vocab_subset=args.vocab_subset or None,
-                             heldout_fraction=args.heldout, checkpoint_every=args.checkpoint_every, seed=args.seed)
-    with progress_bar("tuned lens") as progress:
-        result = train_tuned_lens(lm, args.corpus, out, config, corpus_name=args.corpus, resume=not args.restart,
-                                  progress=progress)
-    payload = {"model": lm.describe(), "out": str(out), "steps": result.steps_done, "resumed_from": result.resumed_from,
-               "seconds": round(result.seconds, 1), "tokens_seen": result.tokens_seen,
-               "final_train_kl": result.losses[-1] if result.losses else None,
-               "vocab_subset": config.vocab_subset, "subset_coverage": result.subset_coverage}
-    text = (f"trained {result.steps_done} steps ({result.tokens_seen} tokens, resumed from step "
-            f"{result.resumed_from}) in {result.seconds:.0f} s; lens saved in {out}")
-    if config.vocab_subset:
-        text += (f"\ntrained on the {config.vocab_subset} most probable tokens (covering "
-                 f"{(result.subset_coverage or 0) * 100:.1f}% of the final distribution on a sample)")
+    config = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+              "optimizer": args.optimizer, "lr": args.lr, "vocab_subset": args.vocab_subset or None,
+              "heldout_fraction": args.heldout, "checkpoint_every": args.checkpoint_every, "seed": args.seed}
+    spec = {"kind": "train_tuned_lens", "params": {**model_params(args), "corpus": args.corpus, "config": config,
+                                                   "restart": args.restart, "out": args.out}}
+    code, job = run_job(spec, args)
+    if job is None:
+        return code
+    result = job.result
+    out = Path(result["path"])
+    payload = {"model": result.get("model"), "out": str(out), "steps": result["steps"],
+               "resumed_from": result["resumed_from"], "seconds": result.get("seconds"),
+               "tokens_seen": result.get("tokens_seen"), "final_train_kl": result.get("final_kl"),
+               "vocab_subset": config["vocab_subset"], "subset_coverage": result.get("subset_coverage")}
+    text = (f"trained {result['steps']} steps ({result.get('tokens_seen')} tokens, resumed from step "
+            f"{result['resumed_from']}) in {result.get('seconds') or 0:.0f} s; lens saved in {out}")
+    if config["vocab_subset"]:
+        text += (f"\ntrained on the {config['vocab_subset']} most probable tokens (covering "
+                 f"{(result.get('subset_coverage') or 0) * 100:.1f}% of the final distribution on a sample)")
     if args.eval_tokens:
+        from engine.lens.compare import compare_lenses
+        from engine.lens.tuned import TunedLens
+
+        lm = load_from_args(args)
         with progress_bar("evaluating") as progress:
-            comparison = compare_lenses(lm, result.lens, args.corpus, max_tokens=args.eval_tokens,
+            comparison = compare_lenses(lm, TunedLens.load(out, lm), args.corpus, max_tokens=args.eval_tokens,
                                         heldout_fraction=args.heldout, progress=progress)
         payload["eval"] = comparison.to_json()
         text += "\n" + _table(comparison)
@@ -91,6 +95,7 @@ def register(sub) -> None:
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
     p.add_argument("--eval-tokens", type=int, default=0, help="afterwards compare with the logit lens on N tokens")
     p.add_argument("--json", action="store_true")
+    job_args(p)
     p.set_defaults(handler=_train)
 
     p = commands.add_parser("eval", help="per-layer KL and cross-entropy: logit vs tuned lens on held-out text")

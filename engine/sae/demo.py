@@ -13,19 +13,24 @@ from engine.sae.training import SAETrainConfig, train_sae
 
 @dataclass
 class DemoSettings:
-    """A small SAE that trains in a few minutes on a CPU."""
+    """A small SAE whose first run (capture, train, evaluate, dashboards) fits in about 3 minutes on 2 CPU cores.
+
+    Sized with ``benchmarks/first_run.py`` on gemma-3-270m: the capture (a forward pass to the middle layer) is most
+    of the time, so the store is small and training makes three passes over it; the report card's CE loss
+    recovered needs full forward passes through a 262k-token unembedding, hence few evaluation tokens.
+    """
 
     model: str = "gemma-3-270m"
     corpus: str = "builtin"
     layer: int | None = None  # default: the middle layer
     site: str = "resid_post"
-    capture_tokens: int = 40_000
-    train_tokens: int = 120_000
+    capture_tokens: int = 20_000
+    train_tokens: int = 60_000
     width: int = 2048
     k: int = 32
     batch_size: int = 512
     lr: float = 2e-3
-    eval_tokens: int = 2048
+    eval_tokens: int = 256
     context_length: int = 128
     name: str | None = None
 
@@ -71,6 +76,7 @@ def train_demo_sae(settings: DemoSettings | None = None, *, lm=None, progress: P
                        progress=lambda f, m: say(0.3 + 0.6 * f, f"training: {m}"), on_metrics=on_metrics)
     report = None
     if evaluate:
+        say(0.9, "evaluating: the report card on held-out text")
         texts = held_out_texts(store, settings.corpus)
         report = evaluate_with_model(result.sae, lm, texts, site=settings.site, layer=layer,
                                      max_tokens=settings.eval_tokens, context_length=settings.context_length,

@@ -3,6 +3,7 @@ SAE-feature pickers on the interventions page (tiny random Llama, tiny SAE and s
 from __future__ import annotations
 
 import re
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -187,11 +188,20 @@ def test_explain_form_submits_a_job_spec_or_shows_the_command(ai_cache, monkeypa
     assert f"--features {ui.compact_ranges(listed[:3])}" in command
 
     submitted: list[dict] = []
-    monkeypatch.setattr(ui, "submit_job", lambda spec: submitted.append(spec) or {"id": "explain-abc"})
+
+    class Runner:  # the real submit_job path, with a runner that records instead of starting workers
+        def submit(self, spec, rerun=False):
+            submitted.append(spec)
+            return types.SimpleNamespace(id=f"{spec['kind']}-abc", state="queued")
+
+    import components.jobs_ui as jobs_ui
+
+    monkeypatch.setattr(jobs_ui, "get_runner", lambda: Runner())
+    monkeypatch.setattr(ui, "submit_job", jobs_ui.submit_job)
     at.button(key="ai_start").click().run()
     assert submitted[-1] == {"kind": "explain", "params": {"dashboard": folder, "features": listed[:3],
                                                           "backend": {"kind": "local", "model": "smollm2-135m"}}}
-    assert any("explain-abc" in s.value for s in at.success)
+    assert any("explain-abc" in s.value for s in at.info)
     # an endpoint: the key's variable NAME travels, never a key; "all" sends no feature list
     at.radio(key="ai_backend").set_value("openai").run()
     at.text_input(key="ai_api_key_env").input("sk-abc123-secret").run()

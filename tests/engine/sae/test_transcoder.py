@@ -199,6 +199,7 @@ def test_cli_trains_and_evaluates_a_transcoder(two_site_store, tmp_path, capsys,
     from engine.cli.common import main
 
     monkeypatch.setattr(cli, "COMMAND_MODULES", ["engine.cli.sae"])
+    monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(tmp_path / "cache"))  # train runs as a job in this cache
     out = tmp_path / "cli-tc"
     assert main(["sae", "train", "--store", str(two_site_store.path), "--site", "mlp_hidden", "--layer", "1",
                  "--arch", "skip_transcoder", "--target-site", "mlp_out", "--width", "32", "--batch-size", "128",
