@@ -13,7 +13,10 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 PALETTE = qualitative.Dark24 + qualitative.Light24
-MAX_LEGEND = 48  # more categories than this: one trace, colour by category index
+MANY = 24  # more categories than this: the top N (by number of points) get colours, the rest are "other"
+TOP_N = 10
+OTHER_COLOR = "#b8b8b8"
+DIM_OPACITY = 0.12  # the points left out of a highlight
 WEBGL_FROM = 6000  # 2-D scatters with more points switch to WebGL
 
 
@@ -25,45 +28,118 @@ def _is_numeric(values: Sequence[str]) -> bool:
     return True
 
 
+def is_numeric_label(values: Sequence[str]) -> bool:
+    """Colour by a colour bar (positions, indices), not by category."""
+    categories = list(dict.fromkeys(str(v) for v in values))
+    return _is_numeric(categories) and len(categories) > 12
+
+
+def category_count(values: Sequence[str]) -> int:
+    return len(set(str(v) for v in values))
+
+
+def top_categories(values: Sequence[str], n: int) -> list[str]:
+    """The ``n`` categories with the most points (ties: first seen first)."""
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[str(v)] = counts.get(str(v), 0) + 1
+    order = {c: i for i, c in enumerate(counts)}
+    return sorted(counts, key=lambda c: (-counts[c], order[c]))[:n]
+
+
+def find_highlight(labels: dict[str, Sequence[str]], color_name: str, query: str) -> tuple[list[int], str]:
+    """Points whose label matches ``query`` (case-insensitive) and a description of the match.
+
+    An exact value of the colour label first, then an exact value of any other label (so 'dog' finds the concept
+    while colouring by language), then values of the colour label containing the query."""
+    wanted = " ".join(str(query or "").split()).lower()
+    if not wanted:
+        return [], ""
+    names = [color_name] + [n for n in labels if n not in (color_name, "text")]
+    for name in names:
+        values = [str(v).strip().lower() for v in labels.get(name, [])]
+        hits = [i for i, v in enumerate(values) if v == wanted]
+        if hits:
+            return hits, f"{name} = '{labels[name][hits[0]]}'"
+    values = [str(v) for v in labels.get(color_name, [])]
+    hits = [i for i, v in enumerate(values) if wanted in v.lower()]
+    if hits:
+        found = list(dict.fromkeys(values[i] for i in hits))
+        shown = ", ".join(f"'{v}'" for v in found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+        return hits, f"{color_name} containing '{wanted}': {shown}"
+    return [], ""
+
+
 def scatter_figure(coords: np.ndarray, color: Sequence[str], hover: Sequence[str], color_name: str,
-                   title: str = "", height: int = 620) -> go.Figure:
-    """2-D or 3-D scatter of projected points coloured by a label; ``customdata`` = point index."""
+                   title: str = "", height: int = 620, top_n: int = TOP_N,
+                   highlight: Sequence[int] | None = None, highlight_name: str = "") -> go.Figure:
+    """2-D or 3-D scatter of projected points coloured by a label; ``customdata`` = point index.
+
+    Numeric labels get a colour bar; up to :data:`MANY` categories one legend entry each; more categories
+    the ``top_n`` largest ones plus "other" in grey. ``highlight`` (point indices) draws those points larger
+    with an outline, and dims every other point."""
     coords = np.asarray(coords)
     dims = coords.shape[1]
     color = [str(c) for c in color]
     index = np.arange(len(color))
+    chosen = np.zeros(len(color), dtype=bool)
+    if highlight is not None and len(highlight):
+        chosen[np.asarray(list(highlight), dtype=int)] = True
+    dim = bool(chosen.any())
     fig = go.Figure()
-    categories = list(dict.fromkeys(color))
-    numeric = _is_numeric(categories) and len(categories) > 12
+    size = 4 if dims == 3 else (5 if len(color) > 2000 else 7)
 
-    def add(points: np.ndarray, name: str, marker: dict, showlegend: bool) -> None:
+    def add(points: np.ndarray, name: str, marker: dict, showlegend: bool = True, rank: int = 1000) -> None:
         custom = [[int(i)] for i in points]  # Python lists, not numpy
-        text = [hover[i] for i in points]
+        text = [f"{hover[i]}<br>{color_name}: {color[i]}" for i in points]
         common = dict(mode="markers", name=name, customdata=custom, text=text, marker=marker,
-                      hovertemplate=f"%{{text}}<br>{color_name}: {name if showlegend else '%{marker.color}'}"
-                                    "<extra></extra>", showlegend=showlegend)
+                      hovertemplate="%{text}<extra></extra>", showlegend=showlegend, legendrank=rank)
         if dims == 3:
             fig.add_trace(go.Scatter3d(x=coords[points, 0], y=coords[points, 1], z=coords[points, 2], **common))
         else:
             cls = go.Scattergl if len(color) >= WEBGL_FROM else go.Scatter
             fig.add_trace(cls(x=coords[points, 0], y=coords[points, 1], **common))
 
-    size = 4 if dims == 3 else (5 if len(color) > 2000 else 7)
-    if numeric or len(categories) > MAX_LEGEND:
-        values = [float(c) for c in color] if numeric else [categories.index(c) for c in color]
-        marker = dict(size=size, color=values, colorscale="Viridis" if numeric else "Turbo", opacity=0.8,
-                      colorbar=dict(title=color_name) if numeric else None)
-        add(index, color_name, marker, showlegend=False)
+    point_color = _point_colors(color, top_n)
+    if point_color is None:  # numeric: one trace and a colour bar
+        values = np.array([float(c) for c in color])
+        scale = dict(colorscale="Viridis", cmin=float(values.min()), cmax=float(values.max()))
+        add(index[~chosen], color_name, dict(size=size, color=values[~chosen], opacity=DIM_OPACITY if dim else 0.8,
+                                             colorbar=dict(title=color_name), **scale), showlegend=False)
+        highlighted = dict(color=values[chosen], **scale)
     else:
-        for k, category in enumerate(categories):
-            points = index[np.asarray(color) == category]
-            add(points, category, dict(size=size, color=PALETTE[k % len(PALETTE)], opacity=0.85), True)
+        legend, groups, colors = point_color
+        # grey "other" first, so it is drawn under the coloured points (its legend entry still comes last)
+        for rank, (name, hue) in sorted(enumerate(legend), key=lambda e: e[1][1] != OTHER_COLOR):
+            add(index[(groups == name) & ~chosen], name, dict(size=size, color=hue,
+                                                               opacity=DIM_OPACITY if dim else 0.85), rank=rank)
+        highlighted = dict(color=colors[chosen].tolist())
+    if dim:
+        add(index[chosen], f"★ {highlight_name or 'highlight'} ({int(chosen.sum())})",
+            dict(size=size * 2, opacity=1.0, line=dict(color="black", width=1.5), **highlighted), rank=-1)
     fig.update_layout(title=title, height=height, margin=dict(l=10, r=10, t=40, b=10), dragmode="lasso",
                       legend=dict(title=color_name, itemsizing="constant"))
     if dims == 2:
         fig.update_xaxes(showticklabels=False, zeroline=False)
         fig.update_yaxes(showticklabels=False, zeroline=False, scaleanchor="x", scaleratio=1)
     return fig
+
+
+def _point_colors(color: list[str], top_n: int) -> tuple[list[tuple[str, str]], np.ndarray, np.ndarray] | None:
+    """Legend entries (name, colour), each point's legend entry and colour; None for a numeric label."""
+    categories = list(dict.fromkeys(color))
+    if _is_numeric(categories) and len(categories) > 12:
+        return None
+    shown = categories if len(categories) <= MANY else top_categories(color, max(1, min(int(top_n), len(PALETTE))))
+    legend = [(c, PALETTE[k % len(PALETTE)]) for k, c in enumerate(shown)]
+    hues = dict(legend)
+    rest = len(categories) - len(shown)
+    other = f"other ({rest} {'category' if rest == 1 else 'categories'})"
+    if rest:
+        legend.append((other, OTHER_COLOR))
+    groups = np.array([c if c in hues else other for c in color], dtype=object)
+    colors = np.array([hues.get(c, OTHER_COLOR) for c in color], dtype=object)
+    return legend, groups, colors
 
 
 def geometry_figure(result: dict, height: int = 520) -> go.Figure:

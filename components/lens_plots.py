@@ -36,16 +36,66 @@ def metric_values(result, metric: str, tracked: int = 0) -> np.ndarray:
     return result.tracked_ranks[..., tracked].astype(float)
 
 
+ROBUST_PERCENTILES = (2.0, 98.0)  # colour range of the unbounded metrics (see robust_range)
+# Perceptually ordered, light to dark: the top of every colour bar (the largest value) is the darkest colour.
+PROBABILITY_SCALE = "Blues"
+NATS_SCALE = "Viridis_r"
+RANK_SCALE = "Purples"
+
+
+def robust_range(result, values: np.ndarray, percentiles: tuple[float, float] = ROBUST_PERCENTILES
+                 ) -> tuple[float, float]:
+    """Colour range of an unbounded metric over the rows other than the embedding row: from the 2nd percentile
+    to the 98th, or to the far-out fence Q3 + 3·IQR where that is lower.
+
+    Read through the final norm, the embedding row's KL can be a thousand nats and the first layers' a few
+    hundred, which would push every later layer into the bottom sliver of the colour bar (on a short prompt a
+    row or two is more than 2% of the cells, hence the fence). Cells outside the range take the end colours;
+    the hover shows their true value."""
+    rows = [r for r, name in enumerate(result.row_names) if name != "embed"] or list(range(len(values)))
+    finite = values[rows][np.isfinite(values[rows])]
+    if not finite.size:
+        return 0.0, 1.0
+    low, high, q1, q3 = (float(v) for v in np.percentile(finite, [*percentiles, 25, 75]))
+    high = min(high, q3 + 3 * (q3 - q1))
+    if high <= low:
+        low, high = float(finite.min()), float(finite.max())
+    return low, high if high > low else low + 1.0
+
+
+def color_scale(result, metric: str, z: np.ndarray) -> dict:
+    """Heatmap colour arguments (z, colorscale, zmin, zmax, colorbar) for one metric: high values dark."""
+    title = METRICS[metric]
+    if metric in ("top1", "tracked_prob"):
+        return {"z": z, "colorscale": PROBABILITY_SCALE, "zmin": 0.0, "zmax": 1.0,
+                "colorbar": {"title": {"text": title}}}
+    if metric == "tracked_rank":  # -log10(rank): rank 1 at the top of the bar, darkest
+        shown = -np.log10(z + 1)
+        worst = max(1, int(np.ceil(-float(shown.min()))))
+        ticks = [10 ** e for e in range(worst + 1)]
+        return {"z": shown, "colorscale": RANK_SCALE, "zmin": -float(worst), "zmax": 0.0,
+                "colorbar": {"title": {"text": "Rank of tracked token<br>(1 = top)"},
+                             "tickvals": [-float(e) for e in range(worst + 1)],
+                             "ticktext": [f"{t:,}" for t in ticks]}}
+    zmin, zmax = robust_range(result, z)
+    clipped = bool((z > zmax).any() or (z < zmin).any())
+    note = "<br><sup>robust range (layers);<br>true value on hover</sup>" if clipped else ""
+    return {"z": z, "colorscale": NATS_SCALE, "zmin": zmin, "zmax": zmax, "colorbar": {"title": {"text": title + note}}}
+
+
 def position_labels(result) -> list[str]:
     return [f"{p}:{show_token(result.tokens[p], 8)}" for p in result.positions]
 
 
-def lens_heatmap(result, metric: str = "top1", tracked: int = 0, height: int | None = None) -> go.Figure:
+def lens_heatmap(result, metric: str = "top1", tracked: int = 0, height: int | None = None,
+                 selected: tuple[int, int] | None = None) -> go.Figure:
     """Layers (rows, embeddings at the bottom) x positions, each cell labelled with its top-1 token.
 
     A transparent scatter marker sits on every cell, carrying ``[row, column]`` in customdata and
     the hover text, because Streamlit does not report selections on heatmap traces (the heatmap
-    itself takes no pointer events, so clicks and hovers reach the markers).
+    itself takes no pointer events, so clicks and hovers reach the markers). ``selected`` (row, column) is
+    outlined. Probabilities are coloured on [0, 1]; entropy and KL on a robust range (:func:`robust_range`),
+    ranks on a log scale; in every case the largest value is the darkest colour.
     """
     z = metric_values(result, metric, tracked)
     rows, cols = z.shape
@@ -66,20 +116,10 @@ def lens_heatmap(result, metric: str = "top1", tracked: int = 0, height: int | N
                         f"({html.escape(show_token(result.tokens[result.positions[c]], 20))})<br>"
                         f"entropy {result.entropy[r, c]:.2f} · KL {result.kl_to_final[r, c]:.2f}<br>{tops}{extra}")
         hover.append(line)
-    colorscale, zmin, zmax, reverse = "Blues", None, None, False
-    if metric in ("top1", "tracked_prob"):
-        zmin, zmax = 0.0, 1.0
-    elif metric == "tracked_rank":
-        z = np.log10(z + 1)
-        colorscale, reverse = "Viridis", True
-    else:
-        colorscale = "Magma"
-        reverse = True
+    scale = color_scale(result, metric, z)
     fig = go.Figure(go.Heatmap(
-        z=z, x=list(range(cols)), y=list(range(rows)), text=text, texttemplate="%{text}",
-        textfont={"size": 10}, hoverinfo="skip",
-        colorscale=colorscale, reversescale=reverse, zmin=zmin, zmax=zmax,
-        colorbar={"title": {"text": "log10(rank+1)" if metric == "tracked_rank" else METRICS[metric]}},
+        z=scale.pop("z"), x=list(range(cols)), y=list(range(rows)), text=text, texttemplate="%{text}",
+        textfont={"size": 10}, hoverinfo="skip", **scale,
     ))
     xs, ys = np.meshgrid(np.arange(cols), np.arange(rows))
     fig.add_trace(go.Scatter(
@@ -97,6 +137,10 @@ def lens_heatmap(result, metric: str = "top1", tracked: int = 0, height: int | N
         height=height or max(360, 22 * rows + 160), margin={"l": 60, "r": 20, "t": 30, "b": 90},
         clickmode="event+select", dragmode="zoom",  # with dragmode "select" a plain click selects nothing
     )
+    if selected is not None:
+        r, c = selected
+        fig.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5, layer="above",
+                      line={"color": "#ff3d00", "width": 3}, name="selected cell")
     return fig
 
 
@@ -113,11 +157,21 @@ def topk_table(result, row: int, col: int) -> pd.DataFrame:
 def tracked_lines(result, col: int, kind: str = "prob") -> go.Figure:
     """Tracked tokens' probability (or rank) across layers at one position."""
     fig = go.Figure()
+    rows = list(range(len(result.row_names)))
     for t, label in enumerate(result.tracked_labels):
         values = result.tracked_probs[:, col, t] if kind == "prob" else result.tracked_ranks[:, col, t] + 1
-        fig.add_trace(go.Scatter(x=result.row_names, y=values, mode="lines+markers", name=show_token(label, 30)))
+        # x is the row number (names such as '3' and '3.attn' on a category axis would be auto-typed as numbers,
+        # dropping 'embed' and the attention rows); the names are the tick labels and part of the hover
+        fig.add_trace(go.Scatter(
+            x=rows, y=[float(v) for v in values], mode="lines+markers", name=show_token(label, 30),
+            customdata=[[name] for name in result.row_names], connectgaps=True,
+            hovertemplate="layer %{customdata[0]}: %{y:.3g}<extra>" + html.escape(show_token(label, 30)) + "</extra>",
+        ))
+    step = max(1, len(rows) // 24)
     fig.update_layout(
-        xaxis_title="layer", yaxis_title="probability" if kind == "prob" else "rank (1 = top)",
+        xaxis={"title": "layer", "tickmode": "array", "tickvals": rows[::step],
+               "ticktext": result.row_names[::step], "range": [-0.5, len(rows) - 0.5]},
+        yaxis_title="probability" if kind == "prob" else "rank (1 = top)",
         yaxis_type="log" if kind == "rank" else "linear", height=320, margin={"t": 30},
         legend={"orientation": "h", "y": 1.12},
     )

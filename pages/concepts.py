@@ -4,7 +4,18 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from components.concept_plots import geometry_figure, probe_figure, scatter_figure
+from components.concept_plots import (
+    MANY,
+    TOP_N,
+    category_count,
+    find_highlight,
+    geometry_figure,
+    is_numeric_label,
+    probe_figure,
+    scatter_figure,
+)
+from components.export import concept_html, file_name
+from components.links import sync_query_params
 from components.session import (
     cache_key,
     current_model,
@@ -91,7 +102,7 @@ def choose_source(lm, key: tuple, mid: str) -> tuple | None:
                                  format_func=lambda n: f"{n} ({len(prompt_set(n).texts)} prompts)")
         positions = cols[1].selectbox("Positions", POSITION_MODES, key="concept_positions",
                                       format_func=POSITION_NAMES.get)
-        site = cols[2].selectbox("Site", SITES, index=SITES.index("resid_post"), key="concept_site")
+        site = cols[2].selectbox("Site", SITES, key="concept_site")  # resid_post unless the link says otherwise
         st.caption(prompt_set(name).description)
         return ("prompts", key, mid, name, site, positions)
     entries = list_stores(complete=True)
@@ -114,9 +125,21 @@ def choose_source(lm, key: tuple, mid: str) -> tuple | None:
     return ("store", key, mid, path, str(entry["manifest"].get("updated", entry["mtime"])), site, int(max_points))
 
 
+def _points_table(coords, cloud, spec: tuple) -> pd.DataFrame:
+    table = pd.DataFrame({"point": range(cloud.n_points), **{axis: coords[:, k] for k, axis in
+                                                              enumerate("xyz"[:coords.shape[1]])}})
+    for name, values in cloud.labels.items():
+        table[name] = values
+    if "text" not in cloud.labels:
+        table["context"] = cloud.hover
+    if spec[0] == "store":
+        table.insert(1, "store row", cloud.row_ids)
+    return table
+
+
 @st.fragment
 def scatter_with_selection(spec: tuple, cloud, layer: int, method: str, dims: int, normalize: bool, align: bool,
-                           color: str) -> None:
+                           color: str, top_n: int, highlight: str) -> None:
     """Scatter and the table of selected points live in one fragment, so a selection reruns only this."""
     busy = "Projecting" if method == "pca" or umap_ready() else "Projecting (the first UMAP compiles; ~30-60 s)"
     try:
@@ -126,10 +149,31 @@ def scatter_with_selection(spec: tuple, cloud, layer: int, method: str, dims: in
     except UserError as exc:
         show_user_error(exc)
         return
+    points, found = find_highlight(cloud.labels, color, highlight)
+    if highlight.strip():
+        st.caption(f"Highlighting {len(points)} points: {found}." if points else
+                   f"Nothing matches '{highlight.strip()}' in the labels; showing every point.")
     title = f"{cloud.name}: {method.upper()} of {cloud.site}, layer {layer} ({cloud.n_points:,} points)"
-    figure = scatter_figure(coords, cloud.label(color), cloud.hover, color, title=title)
+    figure = scatter_figure(coords, cloud.label(color), cloud.hover, color, title=title, top_n=top_n,
+                            highlight=points, highlight_name=highlight.strip())
     event = st.plotly_chart(figure, on_select="rerun", selection_mode=("box", "lasso", "points"),
                             key=f"concept_scatter_{dims}", width="stretch")
+
+    def html_file() -> str:  # made on click: the file embeds plotly.js
+        notes = [f"Colour: {color}" + (f"; highlighted: {found}" if points else "") + ".",
+                 "Points normalised to unit length before projecting." if normalize else "",
+                 "Each layer's projection aligned onto the previous one (Procrustes)." if align else ""]
+        source = {"model": spec[2].split("|")[0], "points": cloud.name, "site": cloud.site, "layer": layer,
+                  "projection": f"{method.upper()} ({dims}-D)"}
+        return concept_html(figure, _points_table(coords, cloud, spec), title=title, notes=notes, source=source)
+
+    d1, d2, _ = st.columns([1, 1, 3])
+    d1.download_button("Download points (CSV)", lambda: _points_table(coords, cloud, spec).to_csv(index=False),
+                       file_name=file_name("concept", cloud.name, method, f"layer{layer}", ext="csv"),
+                       mime="text/csv", on_click="ignore", key="concept_points_csv")
+    d2.download_button("Download HTML", html_file, file_name=file_name("concept", cloud.name, method, f"layer{layer}"),
+                       mime="text/html", on_click="ignore", key="concept_html",
+                       help="One self-contained page (the interactive scatter and every point) that opens offline.")
     chosen = _selected_points(event)
     if not chosen:
         st.caption("Select points (box or lasso) to list their contexts.")
@@ -186,12 +230,45 @@ def probe_section(spec: tuple, cloud, default: str, concept_label: str | None) -
                        "ignores the groups (for comparison only: there the probe can recognise the concept itself).")
 
 
+# --- links -------------------------------------------------------------------------------
+TABS = ["Projection", "Spread & geometry", "Concept depth (probes)"]
+SOURCES = ["Prompt set", "Activation store"]
+LINK_KEYS = {"concept_source": SOURCES[0], "concept_set": next(iter(PROMPT_SETS)), "concept_positions": "last",
+             "concept_site": "resid_post", "concept_layer": -1, "concept_method": "pca", "concept_dims": 2,
+             "concept_color": "", "concept_top_n": TOP_N, "concept_highlight": "", "concept_normalize": False,
+             "concept_align": False, "concept_tab": TABS[0]}  # layer -1, colour '': the prompt set's defaults
+LINK_OPTIONS = {"concept_source": SOURCES, "concept_set": list(PROMPT_SETS), "concept_positions": POSITION_MODES,
+                "concept_site": SITES, "concept_method": ["pca", "umap"], "concept_dims": [2, 3],
+                "concept_top_n": range(1, 49), "concept_tab": TABS}
+
+
+def sync_link(show: bool = False) -> None:
+    """The view's state from this session or the link (``?concept_set=months&concept_layer=3…``), and the current
+    view back into the URL; a long highlight goes in as a share id."""
+    problems = sync_query_params(LINK_KEYS, long_keys={"concept_highlight"}, options=LINK_OPTIONS)
+    for problem in problems if show else ():
+        st.warning(problem)
+
+
+def resolve_view(spec: tuple, cloud, color_options: list[str], default_color: str) -> None:
+    """Put the cloud-dependent widgets (layer, colour) on valid values: the link's, else the set's defaults."""
+    state = st.session_state
+    if state.get("concept_color_for") not in (None, spec[3]):  # another set: its own default colour
+        state["concept_color"] = ""
+    state["concept_color_for"] = spec[3]
+    if state.get("concept_color") not in color_options:
+        state["concept_color"] = default_color if default_color in color_options else color_options[0]
+    if state.get("concept_layer") not in cloud.layers:
+        state["concept_layer"] = cloud.layers[len(cloud.layers) // 2]
+
+
 # --- page ---------------------------------------------------------------------------------
 st.title("Concept space")
 lm = current_model()
 key, mid = model_key(), cache_key(lm)
 warm_up_umap()  # numba compiles in a background thread while the user looks around
 
+sync_link(show=True)
 spec = choose_source(lm, key, mid)
 if spec is None:
     st.stop()
@@ -204,27 +281,36 @@ except UserError as exc:
 
 pset = prompt_set(spec[3]) if spec[0] == "prompts" else None
 color_options = [name for name in cloud.labels if name != "text" or cloud.n_points <= 200]
-default_color = pset.default_color if pset else "position"
+resolve_view(spec, cloud, color_options, pset.default_color if pset else "position")
+sync_link()
+
 cols = st.columns([5, 2, 1, 2])
-layer = cols[0].select_slider("Layer", options=cloud.layers, value=cloud.layers[len(cloud.layers) // 2],
-                              key="concept_layer")
+layer = cols[0].select_slider("Layer", options=cloud.layers, key="concept_layer")
 method = cols[1].radio("Projection", ["pca", "umap"], horizontal=True, key="concept_method",
                        format_func=str.upper)
 dims = cols[2].radio("Dims", [2, 3], horizontal=True, key="concept_dims")
-color = cols[3].selectbox("Colour by", color_options, key="concept_color",
-                          index=color_options.index(default_color) if default_color in color_options else 0)
-cols = st.columns(3)
-normalize = cols[0].checkbox("Unit-normalise points", key="concept_normalize",
-                             help="Divide each hidden state by its norm before projecting (tames outlier norms).")
-align = cols[1].checkbox("Align consecutive layers (Procrustes)", key="concept_align",
-                         help="Rotate each layer's projection onto the previous one so points move smoothly.")
-warming = cols[2].empty()
+color = cols[3].selectbox("Colour by", color_options, key="concept_color")
+labels = cloud.label(color)
+many = not is_numeric_label(labels) and category_count(labels) > MANY
+cols = st.columns([3, 2, 2, 3] if many else [3, 2, 3])
+highlight = cols[0].text_input("Highlight", key="concept_highlight", placeholder="type a concept, e.g. dog",
+                               help="Points whose label is (or, failing that, contains) this text are drawn larger; "
+                                    "the others are dimmed.")
+top_n = TOP_N
+if many:
+    top_n = int(cols[1].number_input(f"Top {color}s coloured", 1, 48, key="concept_top_n",
+                                     help=f"{category_count(labels)} {color} values: the N with the most points get "
+                                          "their own colour and legend entry, the rest are grey ('other')."))
+normalize = cols[-2].checkbox("Unit-normalise points", key="concept_normalize",
+                              help="Divide each hidden state by its norm before projecting (tames outlier norms).")
+align = cols[-1].checkbox("Align consecutive layers (Procrustes)", key="concept_align",
+                          help="Rotate each layer's projection onto the previous one so points move smoothly.")
+warming = st.empty()
 if method == "umap" and not umap_ready():
     warming.caption("UMAP is still compiling in the background (once per server, up to a minute).")
-
-tab_projection, tab_geometry, tab_probe = st.tabs(["Projection", "Spread & geometry", "Concept depth (probes)"])
+tab_projection, tab_geometry, tab_probe = st.tabs(TABS, key="concept_tab", on_change="rerun")
 with tab_projection:
-    scatter_with_selection(spec, cloud, layer, method, dims, normalize, align, color)
+    scatter_with_selection(spec, cloud, layer, method, dims, normalize, align, color, top_n, highlight)
     warming.empty()  # the projection above has waited for the compilation
 with tab_geometry:
     geometry_section(spec, cloud, pset.concept_label if pset else None)

@@ -6,7 +6,16 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from components.lens_plots import METRICS, latent_language_figure, lens_heatmap, topk_table, tracked_lines
+from components.export import file_name, lens_html
+from components.lens_plots import (
+    METRICS,
+    latent_language_figure,
+    lens_heatmap,
+    show_token,
+    topk_table,
+    tracked_lines,
+)
+from components.links import SHARE_PREFIX, sync_query_params
 from components.session import (
     cache_key,
     current_model,
@@ -64,18 +73,39 @@ def compute_comparison(key: tuple, model_id: str, lens_dir: str, tokens: int, _p
     return compare_lenses(lm, transform, "builtin", max_tokens=tokens, progress=_progress)
 
 
-def _init_state() -> None:
+# --- links: every piece of the view lives in the URL ---------------------------------------------
+TABS = ["Lens", "Logit vs tuned lens", "Latent language"]
+LEGACY = {"prompt": "lens_prompt", "metric": "lens_metric", "track": "lens_track"}  # links made before the keys
+
+
+def _link_keys(lens_dirs: list[str]) -> tuple[dict, dict]:
+    """Session-state keys kept in the URL (``?key=value``; a long prompt as ``?s_lens_prompt=<share id>``), with
+    their defaults and allowed values. The cell and window defaults (''/-1) mean "the last row/position"."""
+    keys = {"lens_prompt": DEFAULT_PROMPT, "lens_metric": "top1", "lens_track": " Paris", "lens_topk": 10,
+            "lens_sublayers": False, "lens_kind": "", "lens_tab": TABS[0], "lens_cell_row": "", "lens_cell_pos": -1,
+            "lens_window": -1, "ll_source": "fr", "ll_target": "zh"}
+    options = {"lens_metric": list(METRICS), "lens_kind": ["", *lens_dirs], "lens_tab": TABS,
+               "lens_topk": range(1, 51), "ll_source": list(LANGUAGES), "ll_target": list(LANGUAGES)}
+    return keys, options
+
+
+def _sync_link(lens_dirs: list[str], show: bool = False) -> None:
+    """Fill the view's state from this session or the link, and write the current view back into the URL."""
     params = st.query_params
-    defaults = {"lens_prompt": params.get("prompt", DEFAULT_PROMPT), "lens_metric": params.get("metric", "top1"),
-                "lens_track": params.get("track", " Paris"), "lens_topk": 10, "lens_sublayers": False}
-    for name, value in defaults.items():
-        st.session_state.setdefault(name, value)
-    if st.session_state["lens_metric"] not in METRICS:
-        st.session_state["lens_metric"] = "top1"
+    for old, new in LEGACY.items():
+        if old in params:
+            if new not in params and SHARE_PREFIX + new not in params:
+                params[new] = params[old]
+            del params[old]
+    keys, options = _link_keys(lens_dirs)
+    problems = sync_query_params(keys, long_keys={"lens_prompt", "lens_track"}, options=options)
+    for problem in problems if show else ():
+        st.warning(problem)
 
 
-def _selected_cell(event, rows: int, cols: int) -> tuple[int, int] | None:
-    for data in selected_customdata(event):
+def _clicked_cell(rows: int, cols: int) -> tuple[int, int] | None:
+    """A cell clicked (or boxed) on the heatmap since the last run, read from the chart's state."""
+    for data in selected_customdata(st.session_state.get("lens_heatmap") or {}):
         if len(data) == 2:
             r, c = int(data[0]), int(data[1])
             if 0 <= r < rows and 0 <= c < cols:
@@ -83,99 +113,75 @@ def _selected_cell(event, rows: int, cols: int) -> tuple[int, int] | None:
     return None
 
 
-st.title("Lens: layer-by-layer token probabilities")
-lm = current_model()
-key = model_key()
-mid = cache_key(lm)
-_init_state()
+def _resolve_cell(result, prompt: str) -> tuple[int, int]:
+    """The selected cell as (row, column) indices; a click wins, a new prompt starts at the last layer."""
+    state = st.session_state
+    names, positions = result.row_names, result.positions
+    click = _clicked_cell(len(names), len(positions))
+    if click != state.get("lens_last_click"):
+        state["lens_last_click"] = click
+        if click is not None:
+            state["lens_cell_row"], state["lens_cell_pos"] = names[click[0]], positions[click[1]]
+    elif state.get("lens_cell_prompt") not in (None, prompt):
+        state.pop("lens_cell_row", None)
+        state.pop("lens_cell_pos", None)
+    state["lens_cell_prompt"] = prompt
+    if state.get("lens_cell_row") not in names:
+        state["lens_cell_row"] = names[-1]
+    if state.get("lens_cell_pos") not in positions:
+        state["lens_cell_pos"] = positions[-1]
+    return names.index(state["lens_cell_row"]), positions.index(state["lens_cell_pos"])
 
-st.text_area("Prompt", key="lens_prompt", height=90,
-             help=f"Up to {min(lm.context_length or MAX_VIEW_TOKENS, MAX_VIEW_TOKENS):,} tokens.")
-c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
-metric = c1.selectbox("Colour cells by", list(METRICS), format_func=METRICS.get, key="lens_metric")
-track_text = c2.text_input("Tracked tokens (comma-separated, spaces matter)", key="lens_track",
-                           help="e.g. ' Paris, Paris, London': each is tokenised as the model would write it after "
-                                "the prompt; for a word of several tokens its first token is followed across layers.")
-top_k = c3.number_input("Top-k", min_value=1, max_value=50, key="lens_topk")
-sublayers = c4.toggle("Sub-blocks", key="lens_sublayers", help="Also read out after each attention block.")
-track = tuple(t for t in (part for part in track_text.split(",")) if t.strip())
 
-lens_dirs = [str(p) for p in list_lenses(lm)]
-lens_options = [""] + lens_dirs
-lens_dir = st.radio(
-    "Lens", lens_options, horizontal=True, key="lens_kind",
-    format_func=lambda d: "Logit lens" if not d else f"Tuned lens ({Path(d).name})",
-    help="The tuned lens adds a learned affine translator per layer before the final norm and unembedding. "
-         "Train one on the Jobs page or with `make demo-lens`." + ("" if lens_dirs else
-                                                                    " None is trained for this model yet."))
+# --- page -------------------------------------------------------------------------------------
+def lens_tab(result, prompt: str, metric: str, top_k: int, lens_dir: str, lm) -> None:
+    """Heatmap, the selected cell's top-k, the tracked tokens and the downloads."""
+    row, col = _resolve_cell(result, prompt)
+    fig = lens_heatmap(result, metric, selected=(row, col))
+    st.plotly_chart(fig, width="stretch", on_select="rerun", selection_mode=("points", "box"), key="lens_heatmap")
+    st.caption(f"Self-check: the last layer read through the lens differs from the model's logits by at most "
+               f"{result.self_check_max_abs_diff:.2g}. Click a cell (or drag a box over it) for its top-{top_k}.")
+    left, right = st.columns([1, 2])
+    with left:
+        name = st.selectbox("Layer", result.row_names, key="lens_cell_row")
+        pos = st.selectbox("Position", result.positions, key="lens_cell_pos",
+                           format_func=lambda p: f"{p}: {result.tokens[p]!r}")
+        row, col = result.row_names.index(name), result.positions.index(pos)
+        st.dataframe(topk_table(result, row, col), hide_index=True, width="stretch")
+    figures = [fig]
+    with right:
+        if result.tracked_labels:
+            kind = st.radio("Tracked tokens", ["prob", "rank"], horizontal=True,
+                            format_func={"prob": "probability", "rank": "rank"}.get, key="lens_track_kind")
+            lines = tracked_lines(result, col, kind)
+            figures.append(lines)
+            st.plotly_chart(lines, width="stretch", key="lens_tracked_chart")
+            st.caption("Following " + "; ".join(result.tracked_notes))
+        else:
+            st.info("Add tracked tokens above to follow their probability and rank across layers.")
 
-prompt = st.session_state["lens_prompt"]
-try:
-    ids = check_prompt(prompt, lm.tokenizer, lm.context_length, MAX_VIEW_TOKENS)
-except UserError as exc:
-    show_user_error(exc)
-    st.stop()
+    def html_file() -> str:  # made on click: the file embeds plotly.js (megabytes per rerun otherwise)
+        source = {"model": lm.name, "lens": Path(lens_dir).name if lens_dir else "logit", "colour": METRICS[metric],
+                  "selected cell": f"layer {name}, position {pos} ({show_token(result.tokens[pos], 20)})"}
+        return lens_html(result, figures, source=source)
 
-n = len(ids)
-start = 0
-if n > MAX_COLUMNS:
-    start = st.slider(f"The prompt has {n} tokens; showing {MAX_COLUMNS} positions from", 0, n - MAX_COLUMNS,
-                      value=n - MAX_COLUMNS, key="lens_window")
-positions = tuple(range(start, min(n, start + MAX_COLUMNS)))
+    d1, d2, _ = st.columns([1, 1, 2])
+    d1.download_button("Download data (CSV)", lambda: pd.DataFrame(result.to_records()).to_csv(index=False),
+                       file_name="logit_lens.csv", mime="text/csv", on_click="ignore", key="lens_csv")
+    d2.download_button("Download HTML", html_file, file_name=file_name(result.lens, "lens", lm.name),
+                       mime="text/html", on_click="ignore", key="lens_html",
+                       help="One self-contained page (figures, tokens, tables) that opens offline.")
 
-if metric.startswith("tracked") and not track:
-    st.info("Add a tracked token to colour by its probability or rank; showing top-1 probability.")
-    metric = "top1"
-try:
-    with st.spinner("Running the lens…"):
-        result = compute_lens(key, mid, prompt, int(top_k), track, sublayers, positions, lens_dir)
-except UserError as exc:
-    show_user_error(exc)
-    st.stop()
-st.query_params.update({"prompt": prompt, "metric": metric, "track": track_text})
 
-fig = lens_heatmap(result, metric)
-event = st.plotly_chart(fig, width="stretch", on_select="rerun", selection_mode=("points", "box"),
-                        key="lens_heatmap")
-st.caption(f"Self-check: the last layer read through the lens differs from the model's logits by at most "
-           f"{result.self_check_max_abs_diff:.2g}. Click a cell (or drag a box over it) for its top-{int(top_k)}.")
-
-rows, cols = len(result.row_names), len(result.positions)
-picked = _selected_cell(event, rows, cols)
-view = hash((prompt, positions, sublayers, picked))  # a new prompt or a click resets the cell pickers
-left, right = st.columns([1, 2])
-with left:
-    default_row, default_col = picked or (rows - 1, cols - 1)
-    row = st.selectbox("Layer", range(rows), index=default_row, format_func=lambda r: result.row_names[r],
-                       key=f"cell_row_{view}")
-    col = st.selectbox("Position", range(cols), index=default_col,
-                       format_func=lambda c: f"{result.positions[c]}: {result.tokens[result.positions[c]]!r}",
-                       key=f"cell_col_{view}")
-    st.dataframe(topk_table(result, row, col), hide_index=True, width="stretch")
-with right:
-    if result.tracked_labels:
-        kind = st.radio("Tracked tokens", ["prob", "rank"], horizontal=True,
-                        format_func={"prob": "probability", "rank": "rank"}.get, key="lens_track_kind")
-        st.plotly_chart(tracked_lines(result, col, kind), width="stretch")
-        st.caption("Following " + "; ".join(result.tracked_notes))
-    else:
-        st.info("Add tracked tokens above to follow their probability and rank across layers.")
-
-d1, d2 = st.columns(2)  # the files are made on click (the HTML embeds plotly.js: megabytes per rerun otherwise)
-d1.download_button("Download data (CSV)", lambda: pd.DataFrame(result.to_records()).to_csv(index=False),
-                   file_name="logit_lens.csv", mime="text/csv", on_click="ignore")
-d2.download_button("Download figure (HTML)", lambda: fig.to_html(include_plotlyjs=True), file_name="logit_lens.html",
-                   mime="text/html", on_click="ignore")
-
-if lens_dirs:
-    st.divider()
-    st.subheader("Logit lens vs tuned lens")
+def comparison_tab(key: tuple, mid: str, result, args: tuple, lens_dir: str, lens_dirs: list[str]) -> None:
+    if not lens_dirs:
+        st.info("No tuned lens is trained for this model yet: train one on the Jobs page or with "
+                "`make demo-lens`, then compare it with the logit lens here.")
+        return
     chosen = lens_dir or lens_dirs[0]
     try:
-        logit_result = result if not lens_dir else compute_lens(key, mid, prompt, int(top_k), track, sublayers,
-                                                                positions, "")
-        tuned_result = result if lens_dir == chosen else compute_lens(key, mid, prompt, int(top_k), track,
-                                                                      sublayers, positions, chosen)
+        logit_result = result if not lens_dir else compute_lens(key, mid, *args, "")
+        tuned_result = result if lens_dir == chosen else compute_lens(key, mid, *args, chosen)
         how = st.selectbox("Disagreement on this prompt", list(DISAGREEMENT), format_func=DISAGREEMENT.get,
                            key="lens_disagreement")
         st.plotly_chart(disagreement_heatmap(logit_result, tuned_result, how), width="stretch")
@@ -193,20 +199,19 @@ if lens_dirs:
     except UserError as exc:
         show_user_error(exc)
 
-st.divider()
-st.subheader("Latent language")
-st.caption("Few-shot translation prompts from the built-in concept list; per layer, the probability of the answer "
-           "in the target language vs the same concept in English (Wendler et al., *Do Llamas Work in English?*). "
-           "Bands: 95% confidence interval of the mean across items.")
-l1, l2, l3 = st.columns([1, 1, 1])
-codes = list(LANGUAGES)
-source = l1.selectbox("From", codes, index=codes.index("fr"), format_func=lambda c: f"{LANGUAGES[c]} ({c})",
-                      key="ll_source")
-target = l2.selectbox("To", codes, index=codes.index("zh"), format_func=lambda c: f"{LANGUAGES[c]} ({c})",
-                      key="ll_target")
-l3.write("")
-if l3.button("Run latent-language analysis", type="primary") or st.session_state.get("ll_done") == (mid, source,
-                                                                                                     target):
+
+def latent_tab(key: tuple, mid: str, lens_dir: str) -> None:
+    st.caption("Few-shot translation prompts from the built-in concept list; per layer, the probability of the "
+               "answer in the target language vs the same concept in English (Wendler et al., *Do Llamas Work in "
+               "English?*). Bands: 95% confidence interval of the mean across items.")
+    l1, l2, l3 = st.columns([1, 1, 1])
+    codes = list(LANGUAGES)
+    source = l1.selectbox("From", codes, format_func=lambda c: f"{LANGUAGES[c]} ({c})", key="ll_source")
+    target = l2.selectbox("To", codes, format_func=lambda c: f"{LANGUAGES[c]} ({c})", key="ll_target")
+    l3.write("")
+    if not (l3.button("Run latent-language analysis", type="primary")
+            or st.session_state.get("ll_done") == (mid, source, target)):
+        return
     try:
         bar = st.progress(0.0, text=f"Reading out {source}→{target} translation prompts layer by layer…")
         summary = compute_latent(key, mid, source, target, lens_dir, _progress=progress_to(bar))
@@ -214,8 +219,77 @@ if l3.button("Run latent-language analysis", type="primary") or st.session_state
         st.session_state["ll_done"] = (mid, source, target)
         st.plotly_chart(latent_language_figure(summary, LANGUAGES[target]), width="stretch")
         items = summary["items"]
-        st.caption(f"{items['kept']} of {items['total']} concepts kept: {items['answer_not_single_token']} answers are "
-                   f"not a single token for this tokenizer, {items['english_overlaps_answer']} share their token "
+        st.caption(f"{items['kept']} of {items['total']} concepts kept: {items['answer_not_single_token']} answers "
+                   f"are not a single token for this tokenizer, {items['english_overlaps_answer']} share their token "
                    "with English.")
     except UserError as exc:
         show_user_error(exc)
+
+
+def _window(n: int, prompt: str) -> int:
+    """First position shown of a prompt longer than MAX_COLUMNS (a new prompt starts at its end)."""
+    state = st.session_state
+    if n <= MAX_COLUMNS:
+        state["lens_window"] = -1
+        return 0
+    last = n - MAX_COLUMNS
+    if state.get("lens_window_prompt") not in (None, prompt) or not 0 <= state.get("lens_window", -1) <= last:
+        state["lens_window"] = last
+    state["lens_window_prompt"] = prompt
+    return st.slider(f"The prompt has {n} tokens; showing {MAX_COLUMNS} positions from", 0, last, key="lens_window")
+
+
+def main() -> None:
+    st.title("Lens: layer-by-layer token probabilities")
+    lm = current_model()
+    key = model_key()
+    mid = cache_key(lm)
+    lens_dirs = [str(p) for p in list_lenses(lm)]
+    _sync_link(lens_dirs, show=True)
+
+    st.text_area("Prompt", key="lens_prompt", height=90,
+                 help=f"Up to {min(lm.context_length or MAX_VIEW_TOKENS, MAX_VIEW_TOKENS):,} tokens.")
+    c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
+    metric = c1.selectbox("Colour cells by", list(METRICS), format_func=METRICS.get, key="lens_metric")
+    track_text = c2.text_input("Tracked tokens (comma-separated, spaces matter)", key="lens_track",
+                               help="e.g. ' Paris, Paris, London': each is tokenised as the model would write it "
+                                    "after the prompt; for a word of several tokens its first token is followed "
+                                    "across layers.")
+    top_k = int(c3.number_input("Top-k", min_value=1, max_value=50, key="lens_topk"))
+    sublayers = c4.toggle("Sub-blocks", key="lens_sublayers", help="Also read out after each attention block.")
+    track = tuple(t for t in track_text.split(",") if t.strip())
+    lens_dir = st.radio(
+        "Lens", ["", *lens_dirs], horizontal=True, key="lens_kind",
+        format_func=lambda d: "Logit lens" if not d else f"Tuned lens ({Path(d).name})",
+        help="The tuned lens adds a learned affine translator per layer before the final norm and unembedding. "
+             "Train one on the Jobs page or with `make demo-lens`." + ("" if lens_dirs else
+                                                                        " None is trained for this model yet."))
+    prompt = st.session_state["lens_prompt"]
+    try:
+        ids = check_prompt(prompt, lm.tokenizer, lm.context_length, MAX_VIEW_TOKENS)
+    except UserError as exc:
+        show_user_error(exc)
+        st.stop()
+
+    positions = tuple(range(start := _window(len(ids), prompt), min(len(ids), start + MAX_COLUMNS)))
+    if metric.startswith("tracked") and not track:
+        st.info("Add a tracked token to colour by its probability or rank; showing top-1 probability.")
+        metric = "top1"
+    try:
+        with st.spinner("Running the lens…"):
+            result = compute_lens(key, mid, prompt, top_k, track, sublayers, positions, lens_dir)
+    except UserError as exc:
+        show_user_error(exc)
+        st.stop()
+
+    tab_lens, tab_compare, tab_latent = st.tabs(TABS, key="lens_tab", on_change="rerun")
+    with tab_lens:
+        lens_tab(result, prompt, metric, top_k, lens_dir, lm)
+    _sync_link(lens_dirs)  # the cell and the window as this run resolved them
+    with tab_compare:
+        comparison_tab(key, mid, result, (prompt, top_k, track, sublayers, positions), lens_dir, lens_dirs)
+    with tab_latent:
+        latent_tab(key, mid, lens_dir)
+
+
+main()

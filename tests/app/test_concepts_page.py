@@ -100,14 +100,16 @@ def test_concepts_page_refuses_a_store_of_another_model(tmp_path):
 
 
 def test_jobs_page_captures_lists_and_deletes_a_store(tmp_path):
+    data = tmp_path / "cache" / "corpora"  # the UI reads files only under the data folders (the cache is one)
+    data.mkdir(parents=True)
     at = _open("pages/jobs.py")
     assert not at.exception and any("No activation store" in info.value for info in at.info)
     at.selectbox(key="capture_corpus_kind").set_value("path").run()
-    at.text_input(key="capture_corpus_path").set_value(str(tmp_path / "nope.txt")).run()
+    at.text_input(key="capture_corpus_path").set_value(str(data / "nope.txt")).run()
     at.button(key="capture_start").click().run()
     assert not at.exception and at.error and "neither" in at.error[0].value
 
-    corpus = tmp_path / "corpus.txt"
+    corpus = data / "corpus.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
     at.text_input(key="capture_corpus_path").set_value(str(corpus)).run()
     at.number_input(key="capture_tokens").set_value(600).run()
@@ -171,7 +173,7 @@ def test_many_concepts_get_top_n_colours_other_in_grey_and_a_legend():
     at.number_input(key="concept_top_n").set_value(4).run()
     fig = _figures(at)[0]
     assert len(fig["data"]) == 5 and fig["data"][0]["name"] == "other (204 categories)"
-    assert _param(at, "top") == "4" and _param(at, "color") == "concept"
+    assert _param(at, "concept_top_n") == "4" and _param(at, "concept_color") == "concept"
 
 
 def test_search_highlights_a_concept_and_dims_the_rest():
@@ -184,7 +186,7 @@ def test_search_highlights_a_concept_and_dims_the_rest():
     assert all(trace["marker"]["opacity"] < 0.2 for trace in fig["data"][:-1])
     assert _points(fig) == 1456  # every point once
     assert any("Highlighting 7 points: concept = 'dog'" in c.value for c in at.caption)
-    assert _param(at, "highlight") == "Dog"
+    assert _param(at, "concept_highlight") == "Dog"
     at.text_input(key="concept_highlight").set_value("zzzz").run()
     assert any("Nothing matches 'zzzz'" in c.value for c in at.caption)
     assert all(trace["marker"]["opacity"] > 0.5 for trace in _figures(at)[0]["data"])
@@ -199,11 +201,13 @@ def test_a_concept_link_round_trips():
     at.checkbox(key="concept_normalize").check().run()
     assert not at.exception
     link = {name: _param(at, name) for name in at.query_params}
-    assert {k: link.get(k) for k in ("set", "layer", "color", "highlight", "norm")} == \
-        {"set": "months", "layer": "0", "color": "language", "highlight": "March", "norm": "1"}
-    assert "proj" not in link  # PCA is the default
+    assert {k: link.get(k) for k in ("concept_set", "concept_layer", "concept_color", "concept_highlight",
+                                     "concept_normalize")} == \
+        {"concept_set": "months", "concept_layer": "0", "concept_color": "language", "concept_highlight": "March",
+         "concept_normalize": "true"}
+    assert "concept_method" not in link  # PCA is the default
 
-    again = _open_link({**link, "proj": "pca", "tab": "Spread & geometry"})
+    again = _open_link({**link, "concept_method": "pca", "concept_tab": "Spread & geometry"})
     assert again.selectbox(key="concept_set").value == "months"
     assert again.select_slider(key="concept_layer").value == 0
     assert again.selectbox(key="concept_color").value == "language"
@@ -213,3 +217,40 @@ def test_a_concept_link_round_trips():
     assert again.session_state["concept_tab"] == "Spread & geometry"
     assert _figures(again)[0]["data"][-1]["name"].startswith("★ March")
     assert _figures(again)[0]["layout"]["title"]["text"] == _figures(at)[0]["layout"]["title"]["text"]
+
+
+@pytest.fixture
+def downloads(monkeypatch):
+    """Run a deferred ``st.download_button(data=callable)`` of an AppTest the way a click does."""
+    import streamlit.testing.v1.app_test as app_test
+    from streamlit.runtime.media_file_manager import MediaFileManager
+
+    managers = []
+
+    class Recording(MediaFileManager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            managers.append(self)
+
+    monkeypatch.setattr(app_test, "MediaFileManager", Recording)
+
+    def fetch(at, label: str) -> bytes:
+        button = next(b for b in at.get("download_button") if b.proto.label == label)
+        assert button.proto.deferred_file_id  # made on click, not on every rerun
+        url = managers[-1].execute_deferred(button.proto.deferred_file_id)
+        return managers[-1]._storage.get_file(url.rsplit("/", 1)[-1]).content
+
+    return fetch
+
+
+def test_the_projection_downloads_as_html_and_csv(downloads):
+    at = _open("pages/concepts.py")
+    at.selectbox(key="concept_set").set_value("days").run()
+    at.text_input(key="concept_highlight").set_value("Monday").run()
+    assert not at.exception
+    page = downloads(at, "Download HTML").decode()
+    assert page.startswith("<!DOCTYPE html>") and "days: PCA of resid_post" in page
+    assert page.count("Plotly.newPlot") == 1 and "Points (49)" in page and "highlighted: day = &#x27;Monday&#x27;" in page
+    assert "<script src=" not in page
+    csv = downloads(at, "Download points (CSV)").decode().splitlines()
+    assert csv[0].startswith("point,x,y,") and len(csv) == 50

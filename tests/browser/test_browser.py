@@ -1,6 +1,8 @@
 """End to end in Debian's Chromium against `streamlit run app.py`: type a prompt, see the heatmap, click a cell."""
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 import pytest
 from browser_util import OUTPUT, browser_page, require_browser, streamlit_server, wait_idle
 
@@ -54,6 +56,18 @@ def test_lens_page_in_a_real_browser(model, layers):
         shown = layer_box.inner_text() + " " + " ".join(layer_box.locator("input").evaluate_all(
             "els => els.map(e => e.value)"))
         assert "embed" in shown  # the clicked cell's layer is now the one whose top-k is listed
+
+        # KL with sub-blocks from a link: the embedding row (~1,000 nats) must not set the top of the colour bar
+        page.goto(url + "/?" + urlencode({"lens_prompt": "The Eiffel Tower is in the city of", "lens_metric": "kl",
+                                          "lens_sublayers": "true", "lens_track": " Paris"}))
+        wait_idle(page)
+        page.wait_for_selector(".js-plotly-plot .heatmaplayer", timeout=120_000)
+        bar = page.locator(".js-plotly-plot").first.locator(".colorbar").first.text_content()
+        assert "true value on hover" in bar, bar
+        lines = page.locator(".js-plotly-plot").nth(1)
+        assert lines.locator(".scatterlayer .trace").count() == 1  # one connected line over every row
+        assert lines.locator(".xtick text").evaluate_all(texts)[0] == "embed"
+        page.screenshot(path=str(OUTPUT / f"lens-kl-{model}.png"), full_page=True)
 
 
 def test_bad_input_in_a_real_browser():

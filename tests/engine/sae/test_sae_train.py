@@ -163,6 +163,7 @@ def test_cli_train_eval_info(tiny_store, tmp_path, capsys, monkeypatch):
     from engine.cli.common import main
 
     monkeypatch.setattr(cli, "COMMAND_MODULES", ["engine.cli.sae"])  # only this topic's parser
+    monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(tmp_path / "cache"))  # train runs as a job in this cache
 
     out = tmp_path / "cli-sae"
     code = main(["sae", "train", "--store", str(tiny_store.path), "--layer", "1", "--width", "64", "--k", "4",
