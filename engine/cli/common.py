@@ -17,7 +17,8 @@ from engine.core.errors import UserError
 
 # one module per topic
 COMMAND_MODULES = ["engine.cli.lens", "engine.cli.store", "engine.cli.sae", "engine.cli.tuned_lens",
-                   "engine.cli.dashboards", "engine.cli.interventions", "engine.cli.jobs"]
+                   "engine.cli.dashboards", "engine.cli.interventions", "engine.cli.jobs", "engine.cli.autointerp",
+                   "engine.cli.neuronpedia"]
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
