@@ -35,16 +35,54 @@ PAGES = [
 HERE = Path(__file__).resolve().parent
 
 
+def _take_typed_token() -> None:
+    """The password box's callback (runs before the script, so a right token opens the page in the same run)."""
+    st.session_state["access_token"] = st.session_state.get("access_token_input", "")
+
+
+def token_gate(policy) -> bool:
+    """True when this session may see the app: no token is configured, or it has been given.
+
+    The token comes once from ``?token=`` (then removed from the address bar, so shared links do not carry
+    it) or from a password box, and is kept in this session's state; it is checked again on every run.
+    """
+    if not policy.token_required:
+        return True
+    state = st.session_state
+    if "token" in st.query_params:
+        state["access_token"] = st.query_params.get("token", "")
+        del st.query_params["token"]
+    if policy.check_token(state.get("access_token")):
+        return True
+    st.title("Latent Explorer")
+    st.text_input("Access token", type="password", key="access_token_input", on_change=_take_typed_token,
+                  help="This server asks for a token; whoever shared the link can give it to you.")
+    if state.get("access_token"):
+        st.error("That access token is not right.")
+    else:
+        st.info("This server is private: enter the access token to continue.")
+    return False
+
+
 def main() -> None:
-    """One script run: navigation, the shared sidebar (model picker, job tray), then the chosen page."""
+    """One script run: access check, navigation, the shared sidebar (model picker, job tray), then the page."""
     from components.jobs_ui import job_tray
     from components.session import sidebar
+    from engine.serving import current_policy
 
     st.set_page_config(page_title="Latent Explorer", page_icon=":material/visibility:", layout="wide")
+    policy = current_policy()  # once per run: the environment decides (demo mode, token, allow-list)
     pages = [st.Page(str(HERE / file), title=title, icon=icon, url_path=path, default=(i == 0))
              for i, (file, title, icon, path) in enumerate(PAGES) if (HERE / file).exists()]
-    navigation = st.navigation(pages)
-    sidebar()
+    allowed = token_gate(policy)
+    navigation = st.navigation(pages, position="sidebar" if allowed else "hidden")
+    if not allowed:
+        st.stop()  # no page, no sidebar, no job tray without the token
+    if policy.demo:
+        st.sidebar.badge("demo mode", icon=":material/shield:", color="orange",
+                         help="This shared server loads only the listed models, downloads nothing, runs no code "
+                              "that comes with a model and keeps paths under its data folders.")
+    sidebar(policy)
     with st.sidebar:
         job_tray(next((page for page in pages if page.url_path == "jobs-and-data"), None))
     navigation.run()

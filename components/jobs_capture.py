@@ -12,10 +12,11 @@ import json
 import pandas as pd
 import streamlit as st
 
-from components.jobs_ui import model_params, show_session_job, submit_job
-from components.session import progress_to, show_user_error
+from components.jobs_ui import model_params, show_session_job
+from components.session import progress_to, show_user_error, submit_within_limits
 from engine.core.errors import UserError
 from engine.core.sites import SITES
+from engine.serving import current_policy
 
 CORPORA = {"builtin": "built-in English (Python standard library docstrings)",
            "builtin-multilingual": "built-in multilingual word lists (7 languages)",
@@ -23,15 +24,65 @@ CORPORA = {"builtin": "built-in English (Python standard library docstrings)",
            "hf": "a Hugging Face dataset (needs the network)"}
 
 
+PATH_PLACEHOLDER = "data/texts, data/notes.txt, cache/corpora/data.jsonl"
+
+
+def roots_help() -> str:
+    from engine.core.paths import data_roots
+
+    return ("A path under the data folders (" + ", ".join(str(root) for root in data_roots()) + "); a relative path "
+            "starts at the project folder, e.g. data/... or cache/....")
+
+
 def _corpus_spec() -> str:
-    kind = st.selectbox("Corpus", list(CORPORA), format_func=CORPORA.get, key="capture_corpus_kind")
+    kinds = [k for k in CORPORA if k != "hf" or current_policy().allow_hub_downloads]
+    kind = st.selectbox("Corpus", kinds, format_func=CORPORA.get, key="capture_corpus_kind")
     if kind == "path":
-        return st.text_input("Path on this machine", key="capture_corpus_path",
-                             placeholder="/data/texts, ./notes.txt, ./data.jsonl").strip()
+        return st.text_input("Path on this machine", key="capture_corpus_path", placeholder=PATH_PLACEHOLDER,
+                             help=roots_help()).strip()
     if kind == "hf":
         name = st.text_input("Dataset name", key="capture_corpus_hf", placeholder="roneneldan/TinyStories").strip()
         return f"hf:{name}" if name else ""
     return kind
+
+
+def _anchored(spec: str) -> str:
+    """A relative corpus path starts at the project folder (where data/ and cache/ are), not the server's cwd."""
+    from pathlib import Path
+
+    from engine.core.paths import REPO_ROOT
+    from engine.data.corpora import BUILTIN
+
+    if not spec or spec in BUILTIN or spec.startswith(("hf:", "~")) or Path(spec).is_absolute():
+        return spec
+    return str(REPO_ROOT / spec)
+
+
+def checked_corpus(corpus: str) -> str | None:
+    """The corpus a UI job may read, checked at submit without reading any text: the serving policy (no
+    ``hf:`` downloads in demo mode), then the data roots (always in the UI), file kinds and size limits.
+    Returns the spec to submit (a local path resolved), or None after showing the one-sentence reason; what
+    a folder skipped is shown as a warning."""
+    from engine.data.corpora import check_corpus
+
+    try:
+        spec = current_policy().check_corpus(_anchored(corpus.strip()))
+        found = check_corpus(spec, enforce_roots=True)
+    except UserError as exc:
+        show_user_error(exc)
+        return None
+    if found.note():
+        st.warning(found.note())
+    return str(found.path) if found.path is not None else found.spec
+
+
+def with_enforced_roots(kind: str, params: dict) -> dict:
+    """Ask the job to keep its corpus under the data roots when it reads it, if the kind takes that parameter."""
+    from engine.jobs.spec import get_kind
+
+    if get_kind(kind).param("enforce_roots") is not None:
+        params["enforce_roots"] = True
+    return params
 
 
 def render_capture_section(lm) -> None:
@@ -56,11 +107,13 @@ def render_capture_section(lm) -> None:
     st.caption(f"About {estimate / 2**20:,.0f} MiB on disk ({int(max_tokens):,} tokens × {len(layers)} layers × "
                f"{len(sites)} sites × {lm.d_model} dims).")
     if st.button("Start capture", type="primary", key="capture_start"):
-        spec = {"kind": "capture", "params": {
-            **model_params(), "corpus": corpus, "sites": list(sites), "layers": "all" if all_layers else list(layers),
-            "max_tokens": int(max_tokens), "context_length": int(context), "batch_size": int(batch),
-            "store_dtype": dtype}}
-        submit_job(spec, "capture", "the store appears in the table below when it is done.")
+        checked = checked_corpus(corpus)
+        if checked is not None:
+            params = {**model_params(), "corpus": checked, "sites": list(sites),
+                      "layers": "all" if all_layers else list(layers), "max_tokens": int(max_tokens),
+                      "context_length": int(context), "batch_size": int(batch), "store_dtype": dtype}
+            submit_within_limits({"kind": "capture", "params": with_enforced_roots("capture", params)}, "capture",
+                                 "the store appears in the table below when it is done.")
     show_session_job("capture")
 
 

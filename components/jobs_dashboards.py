@@ -5,7 +5,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from components.jobs_ui import model_params, show_session_job, submit_job
+from components.jobs_ui import model_params, show_session_job
+from components.session import submit_within_limits
 
 
 def render_dashboards_section(lm) -> None:
@@ -39,7 +40,7 @@ def render_dashboards_section(lm) -> None:
         spec = {"kind": "dashboards", "params": {**model_params(), "sae": str(sae_dir), "store": str(store["path"]),
                                                  "config": {"top_k": int(top_k), "batch_size": int(batch)},
                                                  "force": bool(force)}}
-        submit_job(spec, "dashboards", "the SAE features page lists them when it is done.", rerun=force)
+        submit_within_limits(spec, "dashboards", "the SAE features page lists them when it is done.", rerun=force)
     job = show_session_job("dashboards")
     if job is not None and job.state == "done":
         st.page_link("pages/features.py", label="Open the SAE feature browser", icon=":material/extension:")

@@ -15,8 +15,8 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from components.jobs_ui import get_runner, metrics_figure, show_session_job, submit_job
-from components.session import show_user_error
+from components.jobs_ui import get_runner, metrics_figure, show_session_job
+from components.session import show_user_error, submit_within_limits
 from engine.core.errors import UserError
 
 CURVES = (("loss", "loss"), ("l0", "L0"), ("explained_variance", "explained variance"), ("dead_fraction", "dead %"))
@@ -141,7 +141,7 @@ def _training_form(entry: dict) -> None:
                     checkpoint_every=100)
     spec = {"kind": "train_sae", "params": {"store": str(entry["path"]), "site": site, "layer": int(layer),
                                             "config": settings, "out": str(cache_root() / "saes" / clean)}}
-    submit_job(spec, "sae", "its report card appears below when it is done.")
+    submit_within_limits(spec, "sae", "its report card appears below when it is done.")
 
 
 def _show_result() -> None:
@@ -173,8 +173,8 @@ def render_sae_training_section(lm=None) -> None:
     with st.expander("Demo SAE: built-in corpus on gemma-3-270m, middle layer, with its dashboards "
                      "(a few minutes on CPU)"):
         if st.button("Train the demo SAE", key="sae_demo_button"):
-            submit_job({"kind": "sae_demo", "params": {}}, "sae",
-                       "the SAE and its dashboards appear on the SAE features page when it is done.")
+            submit_within_limits({"kind": "sae_demo", "params": {}}, "sae",
+                                 "the SAE and its dashboards appear on the SAE features page when it is done.")
 
     if not entries:
         st.info("No activation store yet: cache activations above (or train the demo SAE, which captures its own).")

@@ -56,7 +56,7 @@ def _check_corpus(params: dict) -> None:
     """Fail at submit on a bad corpus; a local corpus path becomes absolute."""
     from engine.data.corpora import check_corpus
 
-    found = check_corpus(params["corpus"])
+    found = check_corpus(params["corpus"], enforce_roots=True if params.get("enforce_roots") else None)
     if found.path is not None:
         params["corpus"] = str(Path(found.path).resolve())
 
@@ -67,6 +67,14 @@ def _corpus_inputs(params: dict) -> list[str]:
 
 
 # --- capture ------------------------------------------------------------------------------------
+def _roots(p: dict) -> bool | None:
+    """The data-roots rule for a corpus: always for jobs from the UI, else as the CLI decides (engine.core.paths)."""
+    return True if p.get("enforce_roots") else None
+
+
+ROOTS_PARAM = Param("enforce_roots", "bool", False, help="keep a corpus path under the data roots (the UI passes true)")
+
+
 def run_capture(p: dict, job: JobContext) -> dict:
     from engine.data.corpora import iter_texts
     from engine.data.store_writer import build_store, default_store_dir
@@ -76,7 +84,7 @@ def run_capture(p: dict, job: JobContext) -> dict:
                                         p["store_dtype"])
     out = job.claim(out)
     job.units(p["max_tokens"], "tokens")
-    store = build_store(lm, iter_texts(p["corpus"]), out, layers=p["layers"], sites=p["sites"],
+    store = build_store(lm, iter_texts(p["corpus"], enforce_roots=_roots(p)), out, layers=p["layers"], sites=p["sites"],
                         max_tokens=p["max_tokens"], context_length=p["context_length"], batch_size=p["batch_size"],
                         dtype=p["store_dtype"], corpus_spec=p["corpus"], progress=job.progress,
                         shard_tokens=p["shard_tokens"])
@@ -88,6 +96,7 @@ def run_capture(p: dict, job: JobContext) -> dict:
 register(Kind("capture", "engine.jobs.kinds:run_capture", summary="capture activations of a corpus into a store",
               params=(*MODEL_PARAMS,
                       Param("corpus", "str", "builtin", help="builtin, builtin-multilingual, a file, a folder or hf:NAME"),
+                      ROOTS_PARAM,
                       Param("sites", "str_list", ["resid_post"]),
                       Param("layers", "layers", "all"),
                       Param("max_tokens", "int", 100_000),
@@ -171,7 +180,10 @@ def run_train_tuned_lens(p: dict, job: JobContext) -> dict:
             job.metrics({"step": int(found.group(1)), "kl": float(found.group(2))})
         job.progress(fraction, message)
 
-    result = train_tuned_lens(lm, p["corpus"], out, config, corpus_name=p["corpus"], resume=not p["restart"],
+    from engine.data.corpora import iter_texts
+
+    texts = (lambda: iter_texts(p["corpus"], enforce_roots=True)) if _roots(p) else p["corpus"]
+    result = train_tuned_lens(lm, texts, out, config, corpus_name=p["corpus"], resume=not p["restart"],
                               progress=progress)
     return {"message": f"Trained {result.steps_done} steps in {result.seconds:.0f} s; saved to {out}. Choose it on "
                        "the Lens page with the 'Lens' selector.",
@@ -183,6 +195,7 @@ def run_train_tuned_lens(p: dict, job: JobContext) -> dict:
 register(Kind("train_tuned_lens", "engine.jobs.kinds:run_train_tuned_lens", summary="train a tuned lens for a model",
               params=(*MODEL_PARAMS,
                       Param("corpus", "str", "builtin"),
+                      ROOTS_PARAM,
                       Param("config", "dict", {}, help="training settings (steps, batch_size, seq_len, ...)"),
                       Param("restart", "bool", False, help="ignore an existing checkpoint"),
                       Param("out", "path", None, optional=True, help="default: cache/tuned_lens/<model>")),

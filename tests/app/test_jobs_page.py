@@ -43,8 +43,8 @@ def _markdown(at) -> str:
 
 
 def test_starting_a_capture_returns_at_once_and_the_job_appears(tmp_path):
-    corpus = tmp_path / "texts"
-    corpus.mkdir()
+    corpus = tmp_path / "cache" / "texts"  # under the data roots (the test's cache), as the UI requires
+    corpus.mkdir(parents=True)
     (corpus / "a.txt").write_text(" ".join(f"word{i} in a long text" for i in range(8000)), encoding="utf-8")
     at = _jobs_page()
     assert any("No jobs yet" in c.value for c in at.caption)
