@@ -66,6 +66,7 @@ def token_gate(policy) -> bool:
 
 def main() -> None:
     """One script run: access check, navigation, the shared sidebar (model picker, job tray), then the page."""
+    from components.first_run import ensure_demo
     from components.jobs_ui import job_tray
     from components.session import sidebar
     from engine.serving import current_policy
@@ -83,6 +84,7 @@ def main() -> None:
                          help="This shared server loads only the listed models, downloads nothing, runs no code "
                               "that comes with a model and keeps paths under its data folders.")
     sidebar(policy)
+    ensure_demo()  # first start on an embedded model without an SAE: queue the demo (LATENT_EXPLORER_NO_DEMO=1: off)
     with st.sidebar:
         job_tray(next((page for page in pages if page.url_path == "jobs-and-data"), None))
     navigation.run()

@@ -9,6 +9,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# no first-run demo job behind every page test and test server (tests/app/test_first_run.py turns it on)
+os.environ.setdefault("LATENT_EXPLORER_NO_DEMO", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
