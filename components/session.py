@@ -28,12 +28,13 @@ def default_model() -> str:
 
 
 @st.cache_resource(show_spinner=False, max_entries=3)
-def _cached_model(spec: str, device: str, dtype: str, trust_remote_code: bool) -> LoadedModel:
+def _cached_model(spec: str, device: str, dtype: str, trust_remote_code: bool, device_map: str = "") -> LoadedModel:
     with _LOAD_LOCK:  # one load at a time: two sessions asking for a 1 GB model must not load it twice
-        return load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        return load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                          device_map=device_map.strip() or None)
 
 
-def model_key() -> tuple[str, str, str, bool]:
+def model_key() -> tuple[str, str, str, bool, str]:
     """The sidebar's current choice; a plain tuple so st.cache_data can key results by it.
 
     No choice yet (``None``): the model a ``?model=`` link asked for, which :func:`current_model` checks
@@ -44,7 +45,8 @@ def model_key() -> tuple[str, str, str, bool]:
         spec = state.get("model_link", "")
     else:
         spec = state.get("model_other", "").strip() if choice == OTHER else choice
-    return spec, state.get("device", "auto"), state.get("dtype", "auto"), bool(state.get("trust_remote_code", False))
+    return (spec, state.get("device", "auto"), state.get("dtype", "auto"), bool(state.get("trust_remote_code", False)),
+            str(state.get("device_map", "") or ""))
 
 
 def _is_pattern(entry: str) -> bool:
@@ -102,6 +104,11 @@ def sidebar(policy: ServingPolicy | None = None) -> None:
         col1, col2 = st.columns(2)
         col1.selectbox("Device", devices, key="device")
         col2.selectbox("Dtype", ["auto", "float32", "bfloat16", "float16"], key="dtype")
+        if not policy.demo:
+            st.text_input("Device map", key="device_map", placeholder="none: the whole model on Device",
+                          help="Split a model too big for one device with accelerate: auto, balanced, or JSON "
+                               'from module-name prefixes to cuda:N, cpu or disk, e.g. {"model.layers.20": "cuda:1"}; '
+                               "modules it does not name stay on Device.")
         if policy.allow_remote_code:
             st.checkbox("Trust remote code", key="trust_remote_code",
                         help="Lets a hub model run its own Python code. Off unless you trust the model's authors.")
@@ -122,11 +129,11 @@ def check_model_choice(spec: str, trust: bool, policy: ServingPolicy | None = No
 def current_model() -> LoadedModel:
     """The selected model, checked against the serving policy, loaded once and shared; on bad input shows the
     message and stops the page (nothing is loaded or downloaded for a model the policy refuses)."""
-    spec, device, dtype, trust = model_key()
+    spec, device, dtype, trust, device_map = model_key()
     try:
         check_model_choice(spec, trust)
         with st.spinner(f"Loading {spec or 'model'} (the first load of an embedded model converts it once)…"):
-            lm = _cached_model(spec, device, dtype, trust)
+            lm = _cached_model(spec, device, dtype, trust, device_map)
     except UserError as exc:
         show_user_error(exc)
         st.stop()
@@ -168,10 +175,10 @@ def show_user_error(exc: Exception) -> None:
 
 def cache_key(lm: LoadedModel) -> str:
     """String identity of a loaded model for st.cache_data keys (never pass the model itself)."""
-    return f"{lm.name}|{lm.weights_hash}|{lm.device}|{lm.dtype}"
+    return f"{lm.name}|{lm.weights_hash}|{lm.device}|{lm.dtype}|{lm.device_map}"
 
 
-def get_model_by_key(key: tuple[str, str, str, bool]) -> LoadedModel:
+def get_model_by_key(key: tuple[str, str, str, bool, str]) -> LoadedModel:
     return _cached_model(*key)
 
 

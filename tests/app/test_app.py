@@ -77,3 +77,15 @@ def test_latent_language_section_runs(app):
     assert not app.exception
     # the byte-level tiny tokenizer has no single-token Chinese words: a clear message, not a crash
     assert any("No item survives" in e.value for e in app.error)
+
+
+def test_sidebar_device_map_splits_the_model_with_the_same_lens(app):
+    """A device map typed in the sidebar loads the model split by accelerate; the lens draws the same numbers,
+    and a map naming a module the model does not have gives one sentence."""
+    before = _figure(app)["data"][0]["z"]
+    app.text_input(key="device_map").input('{"model.layers.1": "cpu", "model.layers.2": "cpu"}').run()
+    assert not app.exception and not app.error
+    assert _figure(app)["data"][0]["z"] == before
+    app.text_input(key="device_map").input('{"model.decoder": "cpu"}').run()
+    assert not app.exception
+    assert any("not a module of this model" in e.value for e in app.error)
