@@ -30,6 +30,7 @@ PAGES = [
     ("pages/concepts.py", "Concept space", ":material/scatter_plot:", "concept-space"),
     ("pages/features.py", "SAE features", ":material/extension:", "sae-features"),
     ("pages/interventions.py", "Interventions", ":material/tune:", "intervene"),
+    ("pages/tours.py", "Tours", ":material/school:", "tours"),
     ("pages/jobs.py", "Jobs & data", ":material/settings:", "jobs-and-data"),
 ]
 HERE = Path(__file__).resolve().parent
