@@ -178,7 +178,8 @@ def build_dashboards(sae_dir: str | Path, store_dir: str | Path, lm: LoadedModel
     pass_seconds = time.time() - started
 
     say(0.86, "logit effects")
-    logits = logit_effects(lm.anatomy, sae.W_dec, site, layer, n=config.n_logits)
+    out_site, out_layer = sae.cfg.output_site()  # a transcoder's decoder writes its output site
+    logits = logit_effects(lm.anatomy, sae.W_dec, out_site, out_layer, n=config.n_logits)
     say(0.92, "decoder neighbours")
     neighbour_ids, neighbour_cos = decoder_neighbours(sae.W_dec, n=config.n_neighbours)
     say(0.95, "writing tables")

@@ -419,3 +419,31 @@ def test_mlp_hidden_directions_go_through_the_output_projection(arch):
     assert torch.allclose(residual_directions(anatomy, W_dec, "mlp_hidden", 0), expected, atol=1e-4)
     resid = torch.randn(5, anatomy.d_model)
     assert torch.equal(residual_directions(anatomy, resid, "resid_post", 0), resid)  # already residual directions
+
+
+def test_a_transcoders_logit_effects_come_from_its_output_side(lm, tmp_path):
+    """A transcoder reading the MLP's hidden activation (wide) and writing mlp_out: its decoder rows live in the
+    residual stream, so the logit effects are W_dec (no trip through the MLP's output projection)."""
+    from engine.core.sites import site_width
+    from engine.features.decoder import logit_effects
+
+    d_ff = site_width(lm.anatomy, "mlp_hidden", 1)
+    store = tmp_path / "store"
+    build_store(lm, iter(TEXTS), store, layers=[1], sites=("mlp_hidden",), max_tokens=800, context_length=32,
+                dtype="float32")
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=d_ff, d_sae=D_SAE, d_out=lm.d_model, architecture="transcoder",
+                        apply_b_dec_to_input=False,
+                        metadata={"hook_name": "blocks.1.mlp.hook_post", "hook_name_out": "blocks.1.hook_mlp_out",
+                                  "model_name": "tiny:llama"}))
+    with torch.no_grad():
+        for param in sae.parameters():
+            param.normal_()
+        sae.W_enc.mul_(0.05)
+    sae_dir = save_sae(sae, tmp_path / "transcoder")
+    path = build_dashboards(sae_dir, store, lm, tmp_path / "dash",
+                            config=DashboardConfig(n_logits=3, n_cooccur=0, device="cpu"))
+    expected = logit_effects(lm.anatomy, sae.W_dec, "mlp_out", 1, n=3)["top_ids"]  # [d_sae, 3]
+    got = Dashboard.open(path, sae_dir).query(
+        "SELECT feature, rank, token_id FROM logits WHERE sign = '+' ORDER BY feature, rank")
+    assert got["token_id"].to_numpy().reshape(D_SAE, 3).tolist() == expected.tolist()
