@@ -96,9 +96,14 @@ def tongue_thought_figure(result, names: dict[str, str] | None = None) -> go.Fig
         base = result.baselines["target"][label]
         fig.add_trace(go.Scatter(x=result.layers, y=[base] * len(result.layers), mode="lines", showlegend=False,
                                  line={"color": color, "dash": "dash", "width": 1}, hoverinfo="skip"))
+    # title at the top left, legend in its own column on the right: a horizontal legend above the plot ran into
+    # the title as soon as its four entries (long words, CJK) needed more than one row
     fig.update_layout(xaxis_title="layer patched (last-token latent of the source)", yaxis_title="probability",
-                      height=380, legend={"orientation": "h", "y": 1.15}, margin={"t": 50},
-                      title="dashed: target prompt without patching")
+                      height=400, margin={"t": 60, "r": 10},
+                      title={"text": "P(word) after patching each layer · dashed: target prompt without patching",
+                             "x": 0.01, "xanchor": "left", "y": 0.97, "yanchor": "top", "font": {"size": 14}},
+                      legend={"orientation": "v", "x": 1.02, "xanchor": "left", "y": 1.0, "yanchor": "top",
+                              "title": {"text": "solid: patched"}})
     return fig
 
 

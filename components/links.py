@@ -27,7 +27,9 @@ did not draw. The call is idempotent: call it again after code that changes stat
 value built mid-run, e.g. a default computed from a model) to update the URL on the same run.
 
 It returns one sentence per problem (a bad value, a bad or missing share id) for the page to show; the
-defaults are used for those keys. Widgets synced this way must not also get a ``value=``/``index=``.
+defaults are used for those keys. Widgets synced this way must not also get a ``value=``/``index=``. To reset a
+key on purpose, set it to its default (deleting it from ``st.session_state`` is not enough: the remembered value
+comes back), or call :func:`forget` first.
 """
 from __future__ import annotations
 

@@ -100,14 +100,18 @@ def _generate(lm: LoadedModel, ids: list[int], edits: Sequence[CompiledEdit], ma
 
 def generate_compare(lm: LoadedModel, prompt: str, specs: Sequence[Intervention], max_new_tokens: int = 20,
                      sample: bool = False, temperature: float = 0.8, seed: int = 0,
-                     top_k: int = 50) -> GenerationComparison:
-    """Generate with and without the interventions (greedy, or sampled with the same seed) and diff token by token."""
+                     top_k: int = 50, clean_ids: Sequence[int] | None = None) -> GenerationComparison:
+    """Generate with and without the interventions (greedy, or sampled with the same seed) and diff token by token.
+
+    ``clean_ids``: the clean continuation from an earlier call with the same prompt and settings (a UI caches it
+    while the interventions change), so only the intervened run is generated; without edits it is not rerun."""
     if not 1 <= int(max_new_tokens) <= 512:
         raise InterventionError("Generate between 1 and 512 new tokens.")
     ids = prompt_ids(lm, prompt)
     edits = compile_interventions(lm, specs, len(ids))
-    clean = _generate(lm, ids, (), max_new_tokens, sample, temperature, seed, top_k)
-    hit = _generate(lm, ids, edits, max_new_tokens, sample, temperature, seed, top_k)
+    clean = [int(t) for t in clean_ids] if clean_ids is not None else \
+        _generate(lm, ids, (), max_new_tokens, sample, temperature, seed, top_k)
+    hit = _generate(lm, ids, edits, max_new_tokens, sample, temperature, seed, top_k) if edits else list(clean)
     n = max(len(clean), len(hit))
     differs = [i >= len(clean) or i >= len(hit) or clean[i] != hit[i] for i in range(n)]
 
