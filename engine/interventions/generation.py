@@ -157,7 +157,9 @@ def dose_response(lm: LoadedModel, prompt: str, spec: Intervention, alphas: Sequ
     if not alphas or not all(math.isfinite(a) for a in alphas):
         raise InterventionError("Give at least one finite alpha for the dose-response sweep.")
     ids = prompt_ids(lm, prompt)
-    token_id = tracked_token_ids(lm.tokenizer, [token])[0]
+    if not token:
+        raise InterventionError("The token to measure is empty; type the answer token (e.g. ' Paris').")
+    token_id = tracked_token_ids(lm.tokenizer, [token], context=prompt if isinstance(prompt, str) else None)[0]
     unit_spec = Intervention(spec.op, spec.site, spec.layer, spec.positions, {**spec.params, "alpha": 1.0})
     edit = compile_interventions(lm, [unit_spec], len(ids))[0]
     scale = torch.tensor(alphas, device=lm.device)  # [R]

@@ -56,8 +56,11 @@ class SweepResult:
                 "source_value": self.source_value, "token": self.token, "token_b": self.token_b, "site": self.site}
 
 
-def _metric_fn(lm: LoadedModel, metric: str, token: str, token_b: str | None) -> Metric:
-    ids = tracked_token_ids(lm.tokenizer, [token] + ([token_b] if token_b else []))
+def _metric_fn(lm: LoadedModel, metric: str, token: str, token_b: str | None, context: str | None = None) -> Metric:
+    """The sweep's metric on logits ``[..., V]``; tokens are the ids the model produces after ``context``."""
+    if not token:
+        raise InterventionError("The token to measure is empty; type the answer token (e.g. ' Paris').")
+    ids = tracked_token_ids(lm.tokenizer, [token] + ([token_b] if token_b else []), context=context)
     if metric == "prob":
         return lambda logits: torch.softmax(logits.float(), -1)[..., ids[0]]
     if metric == "logit_diff":
@@ -227,7 +230,7 @@ def patch_sweep(lm: LoadedModel, source: str | Sequence[int], target: str | Sequ
     if site not in EDIT_SITES:
         raise InterventionError(f"The site '{site}' cannot be patched; choose from {', '.join(EDIT_SITES)}.")
     src_ids, tgt_ids = prompt_ids(lm, source), prompt_ids(lm, target)
-    measure = _metric_fn(lm, metric, token, token_b)
+    measure = _metric_fn(lm, metric, token, token_b, context=target)
     with lm.lock:
         got, src_out = capture(lm.anatomy, torch.tensor([src_ids]), sites={site: "all"}, stop_early=False)
     src_acts = got[site][:, 0]  # [L, T_src, d]

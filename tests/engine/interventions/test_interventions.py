@@ -370,3 +370,15 @@ def test_cli_patch_sweep_json(capsys):
     assert code == 0 and len(payload["values"]) == 3 and payload["kind"] == "layer_position"
     assert main(["patch-sweep", "--model", "tiny:llama", "--source", "x", "--target", PROMPT, "--token", " m"]) == 2
     assert "same token length" in capsys.readouterr().err
+
+
+def test_an_empty_measured_token_is_named(lm):
+    """Clearing the token to measure gives one sentence (before: an IndexError, or the second token taking the
+    first one's place in a logit difference)."""
+    with pytest.raises(UserError, match="token to measure is empty"):
+        patch_sweep(lm, PROMPT, PROMPT, "")
+    with pytest.raises(UserError, match="token to measure is empty"):
+        patch_sweep(lm, PROMPT, PROMPT, "", metric="logit_diff", token_b=" m")
+    direction = torch.ones(lm.d_model)
+    with pytest.raises(UserError, match="token to measure is empty"):
+        dose_response(lm, PROMPT, steer(1, direction, 1.0), [0.0, 1.0], "")
