@@ -29,7 +29,7 @@ from engine.core.sites import EDIT_SITES
 from engine.data.prompt_sets import CONCEPTS, LANGUAGES
 from engine.features.read import corpus_means, find_dashboard
 from engine.interventions.demos import tongue_thought
-from engine.interventions.directions import feature_unit, mean_difference_direction, probe_direction
+from engine.interventions.directions import feature_unit, load_sae_cached, mean_difference_direction, probe_direction
 from engine.interventions.edits import compile_interventions
 from engine.interventions.generation import compare_next_token, delta_lens, dose_response, generate_compare
 from engine.interventions.specs import (
@@ -47,6 +47,7 @@ from engine.interventions.specs import (
 from engine.interventions.sweeps import patch_sweep
 from engine.lens.tokens import continuation
 from engine.sae.io import list_saes
+from engine.serving import NotAllowed, current_policy
 
 OPS = {"steer": "Steer (add α × direction)", "ablate_features": "Ablate SAE features",
        "clamp_feature": "Clamp an SAE feature", "ablate_neurons": "Ablate MLP neurons",
@@ -193,12 +194,32 @@ def _direction_label(how: str, layer: int, site: str, direction: list[float]) ->
             f"(α = 1 moves the mean of {b} to the mean of {a})")
 
 
+def _sae_placement_warning() -> str | None:
+    """A sentence when the builder would attach the chosen SAE at a site or layer other than its config's."""
+    from engine.sae.attach import attach_warning
+
+    state = st.session_state
+    uses_sae = state.get("iv_op") in ("ablate_features", "clamp_feature") or (
+        state.get("iv_op") == "steer" and state.get("iv_dir_source") == "SAE feature")
+    folder = state.get("iv_sae") or ""
+    if not uses_sae or not folder:
+        return None
+    try:
+        sae = load_sae_cached(folder)
+    except UserError:
+        return None  # the builder reports the unreadable SAE itself
+    return attach_warning(sae, state.get("iv_site", "resid_post"), int(state["iv_layer"]))
+
+
 def _build_spec(lm, key, mid) -> Intervention:
     """Turn the builder's widgets into one intervention spec."""
     state = st.session_state
     op, layer = state["iv_op"], int(state["iv_layer"])
     positions = _ints(state.get("iv_positions", ""), "Positions")
     site = state.get("iv_site", "resid_post")
+    warning = _sae_placement_warning()
+    if warning and not state.get("iv_sae_anyway"):
+        raise UserError(f"{warning} Tick 'Use it here anyway' to add it all the same.")
     if op == "steer":
         how = state.get("iv_dir_source", DIRECTIONS[0])
         if how == "SAE feature":
@@ -314,6 +335,10 @@ def _builder(lm, key, mid) -> None:
         s1, s2 = st.columns(2)
         s1.selectbox("Source layer", list(range(n_layers)), key="iv_source_layer")
         s2.text_input("Source positions (default: same as target)", key="iv_source_positions")
+    warning = _sae_placement_warning()
+    if warning:
+        st.warning(warning)
+        st.checkbox("Use it here anyway", key="iv_sae_anyway")
     if st.button("Add intervention", key="iv_add"):
         try:
             spec = _build_spec(lm, key, mid)
@@ -494,9 +519,12 @@ def _intervention_list(specs: list[dict]) -> None:
     uploaded = d2.file_uploader("Load interventions (JSON)", type=["json"], key="iv_upload")
     if uploaded is not None and st.session_state.get("iv_uploaded") != uploaded.file_id:
         try:
+            current_policy().check_upload(uploaded.size)  # the serving policy's cap, before the bytes are read
             st.session_state["iv_specs"] = save_specs(load_specs(json.loads(uploaded.getvalue())))
             st.session_state["iv_uploaded"] = uploaded.file_id
             st.rerun()
+        except NotAllowed as exc:
+            st.error(str(exc))
         except (ValueError, UserError) as exc:
             st.error(f"That file holds no interventions: {exc}")
 

@@ -281,3 +281,31 @@ def test_mean_ablation_uses_the_dashboards_corpus_means(tmp_path):
     assert not at.exception, at.exception
     added = at.session_state["iv_specs"][-1]
     assert added["op"] == "ablate_features" and added["params"]["means"] == expected["means"]
+
+
+def test_an_sae_at_another_layer_is_warned_and_needs_use_anyway(tmp_path, monkeypatch):
+    """An SAE trained at layer 1 attached at layer 2: a warning, the add is refused until 'Use it here anyway'."""
+    from engine.sae.io import save_sae
+    from tests.engine.features.test_dashboards import make_sae
+
+    monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(tmp_path / "cache"))
+    sae_dir = save_sae(make_sae(layer=1), tmp_path / "cache" / "saes" / "tiny-sae")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page("pages/interventions.py")
+    at.run()
+    at.selectbox(key="iv_op").set_value("ablate_features").run()
+    at.selectbox(key="iv_sae").set_value(str(sae_dir)).run()
+    at.text_input(key="iv_features").set_value("3").run()
+    at.selectbox(key="iv_layer").set_value(1).run()
+    assert not any("trained on" in w.value for w in at.warning)
+    at.selectbox(key="iv_layer").set_value(2).run()
+    assert any("trained on resid_post at layer 1" in w.value for w in at.warning)
+    before = len(at.session_state["iv_specs"])
+    at.button(key="iv_add").click().run()
+    assert any("Use it here anyway" in e.value for e in at.error)
+    assert len(at.session_state["iv_specs"]) == before
+    at.checkbox(key="iv_sae_anyway").check().run()
+    at.button(key="iv_add").click().run()
+    assert not at.exception, at.exception
+    assert len(at.session_state["iv_specs"]) == before + 1 and at.session_state["iv_specs"][-1]["layer"] == 2
