@@ -51,3 +51,30 @@ def test_job_list_and_tray_follow_a_job(tmp_path, monkeypatch):
         assert again.attempts == 2 and again.runner_pid not in (None, os.getpid())  # run by the server
     finally:
         runner.close()
+
+
+def test_a_capture_started_in_the_browser_survives_switching_pages(tmp_path, monkeypatch):
+    """Start a capture on the Jobs page, go to the Lens page while it runs, come back: the job finished and the
+    store is listed (before jobs, leaving the page stopped the capture)."""
+    require_browser()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(cache))
+    monkeypatch.setenv("LATENT_EXPLORER_JOB_THREADS", "1")
+    with streamlit_server("tiny:llama") as url, browser_page() as page:
+        page.goto(f"{url}/jobs-and-data")
+        wait_idle(page)
+        page.get_by_role("button", name="Start capture").click()
+        main = page.locator("[data-testid='stMain']")
+        main.get_by_text(re.compile(r"capture-[0-9a-f]{6}")).first.wait_for(timeout=30_000)
+        page.goto(url)  # the Lens page, while the worker captures
+        wait_idle(page)
+        page.locator("[data-testid='stSidebar']").get_by_text("Lens").first.wait_for(timeout=30_000)
+        page.goto(f"{url}/jobs-and-data")
+        wait_idle(page)
+        main.get_by_text("done", exact=True).first.wait_for(timeout=180_000)
+        assert page.locator("[data-testid='stException']").count() == 0
+    runner = LocalRunner(cache / "jobs")
+    jobs = [job for job in runner.list() if job.kind == "capture"]
+    runner.close()
+    assert len(jobs) == 1 and jobs[0].state == "done"
+    assert (cache / "activations").is_dir() and any((cache / "activations").rglob("manifest.json"))
