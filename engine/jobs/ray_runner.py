@@ -440,22 +440,6 @@ class RayRunner(Runner):
                 jobs.append(job)
         return sorted(jobs, key=lambda job: job.created, reverse=True)
 
-    def cancel(self, job_id: str) -> JobState:
-        self.get(job_id)
-        with st.locked_state(self.root, job_id) as job:
-            if job.state == st.RUNNING:
-                st.set_cancel_flag(self.root, job_id)
-                job.message = "cancelling: stops at its next progress report"
-        st.append_log(self.root, job_id, f"cancel requested by pid {os.getpid()}")
-        return job
-
-    def logs(self, job_id: str, tail: int | None = None) -> str:
-        self.get(job_id)
-        return st.read_log(self.root, job_id, tail)
-
-    def metrics(self, job_id: str) -> list[dict]:
-        return st.read_metrics(self.root, job_id)
-
     def close(self, stop_jobs: bool = True) -> None:
         """With ``stop_jobs``, cancel this runner's Ray tasks still running (recorded as failed: resumable)."""
         if not stop_jobs:

@@ -55,16 +55,25 @@ class Runner(ABC):
     def list(self, states: Iterable[str] | None = None) -> list[JobState]:
         """Jobs, newest first (only those in ``states`` when given)."""
 
-    @abstractmethod
+    # state files are shared by every runner: cancelling, logs and metrics work the same on each
     def cancel(self, job_id: str) -> JobState:
         """Queued: cancelled at once. Running: asked to stop at its next progress report."""
+        self.get(job_id)  # JobNotFound, and a dead worker recorded first
+        with st.locked_state(self.root, job_id) as job:
+            if job.state == st.QUEUED:
+                job.state, job.ended, job.message = st.CANCELLED, time.time(), "cancelled before it started"
+            elif job.state == st.RUNNING:
+                st.set_cancel_flag(self.root, job_id)
+                job.message = "cancelling: stops at its next progress report"
+        st.append_log(self.root, job_id, f"cancel requested by pid {os.getpid()}")
+        return job
 
-    @abstractmethod
     def logs(self, job_id: str, tail: int | None = None) -> str:
-        ...
+        self.get(job_id)
+        return st.read_log(self.root, job_id, tail)
 
     def metrics(self, job_id: str) -> list[dict]:
-        return []
+        return st.read_metrics(self.root, job_id)
 
     def close(self, stop_jobs: bool = True) -> None:
         """Release the runner (stopping the jobs it runs unless ``stop_jobs`` is False)."""
@@ -225,24 +234,6 @@ class LocalRunner(Runner):
             if wanted is None or job.state in wanted:
                 jobs.append(job)
         return sorted(jobs, key=lambda job: job.created, reverse=True)
-
-    def cancel(self, job_id: str) -> JobState:
-        self.get(job_id)  # JobNotFound, and a dead worker recorded first
-        with st.locked_state(self.root, job_id) as job:
-            if job.state == st.QUEUED:
-                job.state, job.ended, job.message = st.CANCELLED, time.time(), "cancelled before it started"
-            elif job.state == st.RUNNING:
-                st.set_cancel_flag(self.root, job_id)
-                job.message = "cancelling: stops at its next progress report"
-        st.append_log(self.root, job_id, f"cancel requested by pid {os.getpid()}")
-        return job
-
-    def logs(self, job_id: str, tail: int | None = None) -> str:
-        self.get(job_id)
-        return st.read_log(self.root, job_id, tail)
-
-    def metrics(self, job_id: str) -> list[dict]:
-        return st.read_metrics(self.root, job_id)
 
     # --- workers ------------------------------------------------------------------------------------
     def start(self) -> None:
