@@ -42,8 +42,8 @@ bench: install  ## every benchmark; each prints ratios against a baseline measur
 clean-cache:
 	rm -rf cache/models cache/activations cache/saes cache/dashboards cache/projections cache/gguf
 
-demo-sae: install  ## capture the built-in corpus on the default model and train a small SAE on a middle layer
-	$(PY) -m engine sae demo
+demo-sae: install  ## the first-run demo by hand: capture, train a small SAE on a middle layer, build its dashboards
+	$(PY) -m engine sae demo --dashboards
 
 demo-lens: install  ## train a tuned lens for the default model on the built-in corpus
 	$(PY) -m engine tuned-lens train --model gemma-3-270m --corpus builtin --steps 30 --batch-size 4 --seq-len 48 --vocab-subset 8192 --eval-tokens 128
