@@ -18,6 +18,16 @@ from engine.core.tiny import ARCHS, build_tiny, make_tokenizer  # noqa: E402,F40
 
 
 @pytest.fixture(autouse=True)
+def _keep_main_module():
+    """AppTest leaves the page script it ran as ``sys.modules["__main__"]``; processes started later with spawn or
+    forkserver would import that script again (and die running page code), so each test gets the real one back."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
+
+
+@pytest.fixture(autouse=True)
 def _one_thread(request):
     """Tiny tensors: one thread avoids thread-pool spin-waiting on a shared 2-core machine (restored after).
     Tests on the real models keep every thread."""

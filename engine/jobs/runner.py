@@ -24,12 +24,33 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from engine.core.errors import UserError
 from engine.jobs import state as st
 from engine.jobs.spec import JobSpec, get_kind, validate
 from engine.jobs.state import JobState
+
+_MAIN_LOCK = threading.Lock()
+
+
+@contextmanager
+def _main_not_reimported() -> Iterator[None]:
+    """A spawned worker needs nothing from the parent's ``__main__`` (a Streamlit page script, ``app.py``, a test),
+    and multiprocessing would import it again in the child: hide its path while the process starts."""
+    main = sys.modules.get("__main__")
+    with _MAIN_LOCK:
+        saved = {name: vars(main)[name] for name in ("__file__", "__spec__") if main is not None and name in vars(main)}
+        try:
+            if main is not None:
+                vars(main).pop("__file__", None)
+                if "__spec__" in saved:
+                    main.__spec__ = None
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(main, name, value)
 
 
 class JobNotFound(UserError):
@@ -321,7 +342,8 @@ class LocalRunner(Runner):
             proc = self._context.Process(target=run_worker, name=f"job {job_id}",
                                          args=(str(self.root), job_id, self._worker_env(job_id, slot),
                                                self.lock_timeout))
-            proc.start()
+            with _main_not_reimported():
+                proc.start()
         except Exception as exc:  # noqa: BLE001 - e.g. no memory for another process
             st.update_state(self.root, job_id, state=st.FAILED, ended=time.time(),
                             error=f"The worker process could not start ({type(exc).__name__}: {exc}).")
