@@ -8,23 +8,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from streamlit.testing.v1 import AppTest
-
-from tests.app.test_features_page import build_feature_fixture
 
 APP = "../../app.py"
 DASH = ("dashboards", "tiny-sae-dash")
 
 
 @pytest.fixture(scope="module")
-def ai_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    build_feature_fixture(cache)
-    torch.set_num_threads(before)
-    return cache
+def ai_cache(feature_cache):
+    return feature_cache
 
 
 @pytest.fixture(autouse=True)

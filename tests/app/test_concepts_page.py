@@ -219,30 +219,6 @@ def test_a_concept_link_round_trips():
     assert _figures(again)[0]["layout"]["title"]["text"] == _figures(at)[0]["layout"]["title"]["text"]
 
 
-@pytest.fixture
-def downloads(monkeypatch):
-    """Run a deferred ``st.download_button(data=callable)`` of an AppTest the way a click does."""
-    import streamlit.testing.v1.app_test as app_test
-    from streamlit.runtime.media_file_manager import MediaFileManager
-
-    managers = []
-
-    class Recording(MediaFileManager):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            managers.append(self)
-
-    monkeypatch.setattr(app_test, "MediaFileManager", Recording)
-
-    def fetch(at, label: str) -> bytes:
-        button = next(b for b in at.get("download_button") if b.proto.label == label)
-        assert button.proto.deferred_file_id  # made on click, not on every rerun
-        url = managers[-1].execute_deferred(button.proto.deferred_file_id)
-        return managers[-1]._storage.get_file(url.rsplit("/", 1)[-1]).content
-
-    return fetch
-
-
 def test_the_projection_downloads_as_html_and_csv(downloads):
     at = _open("pages/concepts.py")
     at.selectbox(key="concept_set").set_value("days").run()

@@ -160,18 +160,6 @@ def test_figure_html_generic():
 
 
 # --- the page ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def feature_cache(tmp_path_factory):
-    from tests.app.test_features_page import build_feature_fixture
-
-    cache = tmp_path_factory.mktemp("cache")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    build_feature_fixture(cache)
-    torch.set_num_threads(before)
-    return cache
-
-
 @pytest.fixture(autouse=False)
 def page_env(monkeypatch, feature_cache):
     monkeypatch.setenv("LATENT_EXPLORER_MODEL", "tiny:llama")

@@ -37,16 +37,6 @@ def build_feature_fixture(cache: Path, d_sae: int = 256) -> tuple[Path, Path]:
     return sae_dir, out
 
 
-@pytest.fixture(scope="module")
-def feature_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    build_feature_fixture(cache)
-    torch.set_num_threads(before)
-    return cache
-
-
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, feature_cache):
     monkeypatch.setenv("LATENT_EXPLORER_MODEL", "tiny:llama")

@@ -214,30 +214,6 @@ def test_a_link_made_before_the_keys_still_opens():
     assert "prompt" not in at.query_params and _param(at, "lens_prompt") == "Paris is in"
 
 
-@pytest.fixture
-def downloads(monkeypatch):
-    """Run a deferred ``st.download_button(data=callable)`` of an AppTest the way a click does."""
-    import streamlit.testing.v1.app_test as app_test
-    from streamlit.runtime.media_file_manager import MediaFileManager
-
-    managers = []
-
-    class Recording(MediaFileManager):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            managers.append(self)
-
-    monkeypatch.setattr(app_test, "MediaFileManager", Recording)
-
-    def fetch(at, label: str) -> bytes:
-        button = next(b for b in at.get("download_button") if b.proto.label == label)
-        assert button.proto.deferred_file_id  # made on click, not on every rerun
-        url = managers[-1].execute_deferred(button.proto.deferred_file_id)
-        return managers[-1]._storage.get_file(url.rsplit("/", 1)[-1]).content
-
-    return fetch
-
-
 def test_the_lens_view_downloads_as_one_self_contained_html_file(downloads):
     at = _open({"lens_cell_row": "1", "lens_cell_pos": "3", "lens_metric": "kl"})
     labels = [b.proto.label for b in at.get("download_button")]
