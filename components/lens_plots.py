@@ -144,6 +144,40 @@ def lens_heatmap(result, metric: str = "top1", tracked: int = 0, height: int | N
     return fig
 
 
+STRIP_SCALE = "Oranges"
+STRIP_SHARE = 0.1  # of the plot's height
+
+
+def add_feature_strip(fig: go.Figure, values, label: str, zmax: float, columns: list[str] | None = None
+                      ) -> go.Figure:
+    """Draw one SAE feature's activation per input position (``values``, one per heatmap column, NaN where the
+    SAE is not read) as a one-row strip above :func:`lens_heatmap`'s grid, on the same x positions.
+
+    Each strip cell shows its value; colour runs from 0 to ``zmax`` (the feature's largest activation on its
+    dashboard, so the shade means the same on every prompt). The heatmap's own traces, clicks and colour bar keep
+    their places; the strip is the last trace, named ``feature strip``. ``columns`` names the columns in the hover
+    (e.g. :func:`position_labels`; default: the column numbers)."""
+    values = [float(v) for v in values]
+    shown = [None if not np.isfinite(v) else v for v in values]
+    top = max([zmax, *[v for v in shown if v is not None]], default=0.0) or 1.0
+    text = ["" if v is None else ("0" if v == 0 else f"{v:.2g}") for v in shown]
+    gap = 0.03
+    fig.update_layout(yaxis={"domain": [0.0, 1.0 - STRIP_SHARE - gap]},
+                      yaxis2={"domain": [1.0 - STRIP_SHARE, 1.0], "anchor": "x", "range": [-0.5, 0.5],
+                              "tickmode": "array", "tickvals": [0], "ticktext": [label], "fixedrange": True,
+                              "showgrid": False, "zeroline": False})
+    fig.data[0].colorbar.update(len=1.0 - STRIP_SHARE - gap, y=0.0, yanchor="bottom")
+    fig.add_trace(go.Heatmap(
+        z=[shown], x=list(range(len(values))), y=[0], yaxis="y2", xaxis="x", colorscale=STRIP_SCALE, zmin=0.0,
+        zmax=top, showscale=False, text=[text], texttemplate="%{text}", textfont={"size": 10}, xgap=1,
+        customdata=[[html.escape(c) for c in (columns or [str(i) for i in range(len(values))])]],
+        hovertemplate="%{customdata}: activation %{z:.3g}<extra>" + html.escape(label) + "</extra>",
+        name="feature strip",
+    ))
+    fig.update_layout(height=int(fig.layout.height or 400) + 70)
+    return fig
+
+
 def topk_table(result, row: int, col: int) -> pd.DataFrame:
     k = result.top_ids.shape[-1]
     return pd.DataFrame({

@@ -43,6 +43,7 @@ from components.feature_views import (
 )
 from components.first_run import demo_progress, ensure_demo
 from components.lens_plots import show_token
+from components.linked_lens import open_dashboard, show_on_prompt_link
 from components.session import cache_key, current_model, selected_customdata, show_user_error
 from engine.core.errors import UserError
 from engine.features.feature_map import decoder_cosines, feature_map
@@ -62,9 +63,8 @@ EXPORT_TABLES = {"top_activations": "top activations", "interval_samples": "inte
                  "cooccurring": "fires together with", "stats": "stats"}
 
 
-@st.cache_resource(show_spinner=False, max_entries=4)
 def _dashboard(path: str, stamp: float) -> Dashboard:
-    return Dashboard.open(path)
+    return open_dashboard(path, stamp)  # one shared object per build, also for the lens page's linked views
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -359,6 +359,10 @@ with tab_feature:
                                        help=(f"{label} · " if label else "") + f"both fire on {row.together:,} tokens")
             test_text = st.text_input("Test this feature on your text", key="feature_test_text",
                                       placeholder="type a sentence and press Enter")
+            st.link_button("Show on my prompt", show_on_prompt_link(chosen, int(feature), test_text),
+                           icon=":material/stacked_line_chart:",
+                           help="Open the lens on this text (or the lens's default prompt) with this feature's "
+                                "activation drawn over the input tokens and its decoder direction read per layer.")
             if test_text.strip():
                 try:
                     tokens, acts = _text_acts(path, stamp, cache_key(lm), test_text, lm)

@@ -9,12 +9,15 @@ import streamlit as st
 from components.export import file_name, lens_html
 from components.lens_plots import (
     METRICS,
+    add_feature_strip,
     latent_language_figure,
     lens_heatmap,
+    position_labels,
     show_token,
     topk_table,
     tracked_lines,
 )
+from components.linked_lens import concept_panel, feature_overlay, features_here_panel, reading_panel
 from components.links import SHARE_PREFIX, sync_query_params
 from components.session import (
     cache_key,
@@ -83,7 +86,7 @@ def _link_keys(lens_dirs: list[str]) -> tuple[dict, dict]:
     their defaults and allowed values. The cell and window defaults (''/-1) mean "the last row/position"."""
     keys = {"lens_prompt": DEFAULT_PROMPT, "lens_metric": "top1", "lens_track": " Paris", "lens_topk": 10,
             "lens_sublayers": False, "lens_kind": "", "lens_tab": TABS[0], "lens_cell_row": "", "lens_cell_pos": -1,
-            "lens_window": -1, "ll_source": "fr", "ll_target": "zh"}
+            "lens_window": -1, "ll_source": "fr", "ll_target": "zh", "lens_feature": "", "lens_here": ""}
     options = {"lens_metric": list(METRICS), "lens_kind": ["", *lens_dirs], "lens_tab": TABS,
                "lens_topk": range(1, 51), "ll_source": list(LANGUAGES), "ll_target": list(LANGUAGES)}
     return keys, options
@@ -135,9 +138,13 @@ def _resolve_cell(result, prompt: str) -> tuple[int, int]:
 
 # --- page -------------------------------------------------------------------------------------
 def lens_tab(result, prompt: str, metric: str, top_k: int, lens_dir: str, lm) -> None:
-    """Heatmap, the selected cell's top-k, the tracked tokens and the downloads."""
+    """Heatmap (with a linked feature's strip above it), the selected cell's top-k and the features active there,
+    the tracked tokens, the linked feature's decoder reading and the downloads."""
     row, col = _resolve_cell(result, prompt)
+    overlay = feature_overlay(lm, result, prompt)  # ?lens_feature=<dashboard>:<id>, from "Show on my prompt"
     fig = lens_heatmap(result, metric, selected=(row, col))
+    if overlay is not None:
+        add_feature_strip(fig, overlay.values, f"#{overlay.feature}", overlay.scale, position_labels(result))
     st.plotly_chart(fig, width="stretch", on_select="rerun", selection_mode=("points", "box"), key="lens_heatmap")
     st.caption(f"Self-check: the last layer read through the lens differs from the model's logits by at most "
                f"{result.self_check_max_abs_diff:.2g}. Click a cell (or drag a box over it) for its top-{top_k}.")
@@ -148,6 +155,7 @@ def lens_tab(result, prompt: str, metric: str, top_k: int, lens_dir: str, lm) ->
                            format_func=lambda p: f"{p}: {result.tokens[p]!r}")
         row, col = result.row_names.index(name), result.positions.index(pos)
         st.dataframe(topk_table(result, row, col), hide_index=True, width="stretch")
+        concept_panel(prompt, name, pos)
     figures = [fig]
     with right:
         if result.tracked_labels:
@@ -159,6 +167,9 @@ def lens_tab(result, prompt: str, metric: str, top_k: int, lens_dir: str, lm) ->
             st.caption("Following " + "; ".join(result.tracked_notes))
         else:
             st.info("Add tracked tokens above to follow their probability and rank across layers.")
+    features_here_panel(lm, result, row, col, prompt)
+    if overlay is not None:
+        reading_panel(lm, overlay, result, col, prompt)
 
     def html_file() -> str:  # made on click: the file embeds plotly.js (megabytes per rerun otherwise)
         source = {"model": lm.name, "lens": Path(lens_dir).name if lens_dir else "logit", "colour": METRICS[metric],
