@@ -33,7 +33,7 @@ from torch import nn
 from engine.core.anatomy import Anatomy
 from engine.core.devices import module_tensor, to_host
 from engine.core.errors import UserError
-from engine.core.fileio import atomic_write
+from engine.core.fileio import atomic_write, sha256_file
 
 if TYPE_CHECKING:
     from engine.core.models import LoadedModel
@@ -133,16 +133,32 @@ class TunedLens(nn.Module):
                 for k, v in self.translators.state_dict().items()}
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``config.json`` + ``params.pt`` (tuned-lens layout) and ``lens.safetensors``, atomically."""
+        """Write ``config.json`` + ``params.pt`` (tuned-lens layout) and ``lens.safetensors`` as one set.
+
+        Each file is written atomically, the weights first and ``config.json`` last with their sha256 under
+        ``latent_explorer.files``; :meth:`load` checks them, so a save cut short (new weights next to an old
+        config) is reported as a half-written lens instead of mixing two lenses."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         state = self.params_state()
         atomic_write(folder / PARAMS_FILE, lambda tmp: torch.save(state, tmp))
         atomic_write(folder / SAFETENSORS_FILE, lambda tmp: save_file(state, str(tmp)))
-        text = json.dumps(self.config_dict(), indent=1)
+        config = self.config_dict()
+        config["latent_explorer"]["files"] = {name: sha256_file(folder / name) for name in (PARAMS_FILE,
+                                                                                           SAFETENSORS_FILE)}
+        text = json.dumps(config, indent=1)
         atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(text))
         return folder
+
+    @staticmethod
+    def _check_set(folder: Path, meta: dict) -> None:
+        """Every weights file named in ``config.json`` (our own saves) has the digest recorded there."""
+        for name, digest in (meta.get("files") or {}).items():
+            path = folder / name
+            if path.is_file() and sha256_file(path) != digest:
+                raise TunedLensError(f"'{path}' does not match the '{CONFIG_FILE}' next to it (a save was cut "
+                                     "short, or the files come from two lenses); train or copy the lens again.")
 
     @classmethod
     def load(cls, folder: str | Path, lm: LoadedModel | None = None, *, strict_hash: bool = False) -> TunedLens:
@@ -181,9 +197,10 @@ class TunedLens(nn.Module):
                 raise TunedLensError(
                     f"The lens in '{folder}' was trained on other weights ({meta.get('model', 'another model')}) "
                     f"than '{lm.name}'; train a lens for this model.")
+        cls._check_set(folder, meta)
         state = cls._read_params(folder, params_path)
         lens = cls(n_layers, d_model, bias, base_model=str(config.get("base_model_name_or_path") or ""),
-                   unembed_hash=config.get("unembed_hash"), meta={k: v for k, v in meta.items() if k != "format"})
+                   unembed_hash=config.get("unembed_hash"), meta={k: v for k, v in meta.items() if k not in ("format", "files")})
         expected = lens.translators.state_dict()
         problems = sorted(set(expected) ^ set(state))
         if not problems:

@@ -111,6 +111,18 @@ def test_save_load_round_trip_is_bit_exact_in_tuned_lens_layout(small_lm, tmp_pa
     assert torch.equal(lens(1, h), loaded(1, h))
 
 
+def test_a_save_cut_short_is_reported_not_mixed(small_lm, tmp_path):
+    """Weights of a second lens written next to the first lens's config (a save killed before its config.json)."""
+    first = _randomize(TunedLens.for_model(small_lm), seed=3).save(tmp_path / "lens")
+    _randomize(TunedLens.for_model(small_lm), seed=4).save(tmp_path / "other")
+    config = json.loads((first / CONFIG_FILE).read_text())
+    assert set(config["latent_explorer"]["files"]) == {PARAMS_FILE, "lens.safetensors"}
+    TunedLens.load(first, small_lm)
+    (first / PARAMS_FILE).write_bytes((tmp_path / "other" / PARAMS_FILE).read_bytes())
+    with pytest.raises(TunedLensError, match="cut short"):
+        TunedLens.load(first, small_lm)
+
+
 def test_published_layout_without_our_metadata_loads(small_lm, tmp_path):
     """A folder written the tuned-lens package's way (bias-free, prefixed keys) loads."""
     folder = tmp_path / "published"
