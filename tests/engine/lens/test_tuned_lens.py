@@ -155,6 +155,7 @@ def test_bad_checkpoints_give_one_clear_error(small_lm, tokenizer, tmp_path):
     # a config that lies about the width of params.pt
     good = TunedLens.for_model(small_lm).save(tmp_path / "liar")
     cfg = json.loads((good / CONFIG_FILE).read_text())
+    cfg["latent_explorer"].pop("files")  # no digests (as in a published lens): the shapes are checked
     torch.save({k: v[..., :8] for k, v in torch.load(good / PARAMS_FILE, weights_only=True).items()}, good / PARAMS_FILE)
     (good / CONFIG_FILE).write_text(json.dumps(cfg))
     with pytest.raises(TunedLensError, match="does not match its config"):
