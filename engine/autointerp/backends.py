@@ -17,6 +17,7 @@ and never raises for a single conversation: each :class:`Answer` holds either th
 """
 from __future__ import annotations
 
+import copy
 import http.client
 import json
 import os
@@ -30,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from engine.autointerp.examples import AutointerpError
+from engine.core.devices import to_host
 
 
 class BackendError(AutointerpError):
@@ -42,6 +44,7 @@ class Answer:
 
     text: str | None = None
     error: str | None = None
+    score: float | None = None  # yes/no trials of a local model: yes-logit minus no-logit (> 0 means yes)
 
     @property
     def ok(self) -> bool:
@@ -56,6 +59,11 @@ class ChatBackend:
 
     def chat_batch(self, conversations: list[list[dict]], max_tokens: int = 200) -> list[Answer]:
         raise NotImplementedError
+
+    def judge_batch(self, conversations: list[list[dict]], max_tokens: int = 5) -> list[Answer]:
+        """Answers to yes/no questions (the scorers' trials). By default the model writes them; a local model
+        overrides this with one forward pass that compares its next-token logits for yes and no."""
+        return self.chat_batch(conversations, max_tokens)
 
     def chat(self, messages: list[dict], max_tokens: int = 200) -> str:
         answer = self.chat_batch([messages], max_tokens)[0]
@@ -73,15 +81,34 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+YES_WORDS = ("yes", "Yes", " yes", " Yes", "YES")
+NO_WORDS = ("no", "No", " no", " No", "NO")
+SHARED_PREFIX_MIN = 8  # a batch's common prompt prefix (tokens) worth computing once and sharing
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """Length of the token prefix all rows share, leaving every row at least one token of its own."""
+    first, n = rows[0], min(len(r) for r in rows) - 1
+    for row in rows[1:]:
+        n = min(n, next((i for i, (a, b) in enumerate(zip(first, row)) if a != b), n))
+    return max(n, 0)
+
+
 class LocalChatBackend(ChatBackend):
-    """Greedy generation with a local causal LM (a model spec or an already loaded ``LoadedModel``)."""
+    """Greedy generation with a local causal LM (a model spec or an already loaded ``LoadedModel``).
+
+    Yes/no trials (:meth:`judge_batch`) are not generated: one forward pass per batch reads the logits of the
+    assistant's first token, and the answer is yes when the best yes-token (``YES_WORDS``) beats the best no-token.
+    The prompt prefix the batch shares (system prompt and explanation of one feature) runs once and its key/value
+    cache is repeated for every trial (``share_prefix``), which makes scoring several times cheaper."""
 
     def __init__(self, model="smollm2-135m", *, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
-                 max_input_tokens: int = 2048):
+                 max_input_tokens: int = 2048, judge_batch_size: int = 32, share_prefix: bool = True):
         from engine.core.models import load_model
 
         self.lm = load_model(model, device=device, dtype=dtype, check=False) if isinstance(model, str) else model
         self.batch_size = max(1, int(batch_size))
+        self.judge_batch_size, self.share_prefix = max(1, int(judge_batch_size)), bool(share_prefix)
         self.max_input_tokens = int(max_input_tokens)
         self.name = f"local:{self.lm.name}"
         self._device, self._dtype = device, dtype
@@ -92,10 +119,13 @@ class LocalChatBackend(ChatBackend):
         vocab = tok.get_vocab()
         stops |= {vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<|eot_id|>") if t in vocab}
         self._stops = sorted(i for i in stops if i is not None)
+        yes = {tok.encode(w, add_special_tokens=False)[0] for w in YES_WORDS}
+        no = {tok.encode(w, add_special_tokens=False)[0] for w in NO_WORDS}
+        self._yes, self._no = sorted(yes - no), sorted(no - yes)
 
     def spec(self) -> dict:
         return {"kind": "local", "model": self.lm.name, "batch_size": self.batch_size, "device": self._device,
-                "dtype": self._dtype}
+                "dtype": self._dtype, "judge_batch_size": self.judge_batch_size, "share_prefix": self.share_prefix}
 
     def prompt_text(self, messages: list[dict]) -> str:
         """The conversation as the model's chat template renders it, ready for the assistant's turn."""
@@ -140,6 +170,72 @@ class LocalChatBackend(ChatBackend):
         new = out[:, enc["input_ids"].shape[1]:].cpu()
         decoded = iter(tok.batch_decode(new, skip_special_tokens=True))
         return [Answer(text=next(decoded).strip()) if ok else a for a, ok in zip(answers, fits)]
+
+
+    def judge_batch(self, conversations: list[list[dict]], max_tokens: int = 5) -> list[Answer]:
+        tok = self.lm.tokenizer
+        ids = tok([self.prompt_text(m) for m in conversations], add_special_tokens=False)["input_ids"]
+        answers = [Answer(error=f"The prompt has {len(r)} tokens, more than the {self.max_input_tokens} the local "
+                                "model is given.") for r in ids]
+        fits = [i for i, r in enumerate(ids) if len(r) <= self.max_input_tokens]
+        for start in range(0, len(fits), self.judge_batch_size):
+            chunk = fits[start:start + self.judge_batch_size]
+            try:
+                said = self.yes_logit_margin([ids[i] for i in chunk])
+            except (RuntimeError, ValueError) as exc:
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                said = [None] * len(chunk)
+                for i in chunk:
+                    answers[i] = Answer(error=f"Local scoring failed: {reason}")
+            for i, margin in zip(chunk, said):
+                if margin is not None:
+                    answers[i] = Answer(text="yes" if margin > 0 else "no", score=float(margin))
+        return answers
+
+    def yes_logit_margin(self, rows: list[list[int]]) -> list[float]:
+        """Per prompt (token ids), best yes-logit minus best no-logit for the assistant's first token."""
+        import torch
+
+        prefix = _common_prefix(rows) if self.share_prefix and len(rows) > 1 else 0
+        if prefix < SHARED_PREFIX_MIN:
+            return self._margins(rows, 0, None)
+        with self.lm.lock, torch.no_grad():
+            cache = self.lm.model(input_ids=torch.tensor([rows[0][:prefix]], device=self.lm.device),
+                                  use_cache=True).past_key_values
+        window = getattr(self.lm.model.config, "sliding_window", None)
+        if not window or window >= max(len(r) for r in rows):
+            return self._margins(rows, prefix, cache)
+        # A sliding window counts cache slots, padding included: pads between the shared prefix and a prompt's
+        # own tokens would push real tokens out of the window, so prompts of equal length go together, unpadded.
+        margins: list[float] = [0.0] * len(rows)
+        by_length: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_length.setdefault(len(row), []).append(i)
+        for group in by_length.values():
+            for i, m in zip(group, self._margins([rows[i] for i in group], prefix, copy.deepcopy(cache))):
+                margins[i] = m
+        return margins
+
+    def _margins(self, rows: list[list[int]], prefix: int, cache) -> list[float]:
+        """One forward pass over the rows' tokens after ``prefix`` (left-padded), on top of ``cache`` (the shared
+        prefix's keys and values for one row, repeated here for every row) when given."""
+        import torch
+
+        tails = [r[prefix:] for r in rows]
+        width = max(len(t) for t in tails)
+        pad, device = self.lm.tokenizer.pad_token_id, self.lm.device
+        input_ids = torch.tensor([[pad] * (width - len(t)) + t for t in tails], device=device)
+        mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)
+        positions = (prefix + mask.cumsum(1) - 1).clamp(min=prefix)
+        with self.lm.lock, torch.no_grad():
+            if cache is not None:
+                cache.batch_repeat_interleave(len(rows))
+                mask = torch.cat([torch.ones(len(rows), prefix, dtype=mask.dtype, device=device), mask], dim=1)
+            out = self.lm.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+            last = out.logits[:, -1].float()
+            margin = last[:, self._yes].amax(1) - last[:, self._no].amax(1)
+        return to_host(margin).tolist()
 
 
 # --- any OpenAI-compatible endpoint ----------------------------------------------------------------

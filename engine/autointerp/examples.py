@@ -38,9 +38,10 @@ class ExampleConfig:
     explain_per_interval: int = 1  # interval samples per interval shown to the explainer (the rest are held out)
     mark_fraction: float = 0.25  # tokens with act >= this x the feature's max are marked (the focus token always)
     n_logits: int = 8  # top positive logit tokens in the explainer prompt
+    max_explain: int = 12  # excerpts in the explainer prompt (2/3 top examples, 1/3 interval samples); 0: all
 
     def check(self) -> None:
-        for name in ("before", "after", "explain_per_interval", "n_logits"):
+        for name in ("before", "after", "explain_per_interval", "n_logits", "max_explain"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise AutointerpError(f"The example setting '{name}' must be a non-negative integer (found {value!r}).")

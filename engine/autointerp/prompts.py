@@ -7,7 +7,8 @@ store row the example was chosen for) is always marked when it is positive.
 
 The explainer sees the contexts of :attr:`FeatureExamples.explain` (even-ranked top examples and some interval
 samples, strongest first, each with its peak activation on a 0-10 scale) and the feature's top positive logit
-tokens; the scorer sees one context per prompt and answers yes or no.
+tokens; the scorer sees one context per prompt and answers yes or no. The instructions are all in the system prompt and the
+text comes last, so the trials of one feature share everything up to the text (a local scorer computes that once).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
+
+import numpy as np
 
 from engine.autointerp.examples import Context, ExampleConfig, FeatureExamples
 
@@ -77,29 +80,56 @@ def scale10(value: float, max_act: float) -> int:
     return int(round(10 * value / max_act)) if max_act > 0 else 0
 
 
+# One worked example before the real question (a made-up feature): small explainers copy its short form.
+EXAMPLE_USER = (
+    "Tokens it makes more likely as the next token: Austrian, Vienna, Danube\n\n"
+    "Excerpts where the feature fires (strongest first):\n"
+    "1. (10/10) We took the night train from Berlin to <<Vienna>> and arrived at dawn\n"
+    "2. (8/10) She studied music in <<Salzburg>> before moving abroad\n"
+    "3. (4/10) the best cakes in <<Austria>> are sold near the cathedral\n\nWhat does the feature detect?"
+)
+EXAMPLE_ANSWER = "Explanation: Austrian cities and places, such as Vienna and Salzburg"
+
+
 # --- the explainer --------------------------------------------------------------------------------
+def shown_contexts(contexts: Sequence[Context], limit: int) -> list[Context]:
+    """At most ``limit`` (0: all) explainer contexts, strongest first: the strongest top examples (two thirds)
+    and interval samples spread over the activation range (the rest, or more when top examples run short)."""
+    ordered = sorted(contexts, key=lambda c: -c.max_act)
+    if not limit or len(ordered) <= limit:
+        return ordered
+    top = [c for c in ordered if c.source == "top"]
+    interval = [c for c in ordered if c.source != "top"]
+    n_interval = min(len(interval), max(limit - len(top), limit // 3))
+    if n_interval:
+        interval = [interval[int(i)] for i in np.linspace(0, len(interval) - 1, n_interval).round()]
+    else:
+        interval = []
+    return sorted(top[:limit - len(interval)] + interval, key=lambda c: -c.max_act)
+
+
 def explainer_messages(examples: FeatureExamples, config: ExampleConfig | None = None) -> list[dict]:
     config = config or ExampleConfig()
-    ordered = sorted(examples.explain, key=lambda c: -c.max_act)
+    ordered = shown_contexts(examples.explain, config.max_explain)
     lines = [f"{i}. ({scale10(c.max_act, examples.max_act)}/10) "
              f"{render(c.tokens, activating_marks(c, examples.max_act, config.mark_fraction))}"
              for i, c in enumerate(ordered, 1)]
     logits = ", ".join(t.strip() or repr(t) for t in examples.logits[:config.n_logits])
-    user = "Excerpts where the feature fires (strongest first):\n" + "\n".join(lines)
-    if logits:
-        user += f"\n\nTokens it makes more likely as the next token: {logits}"
-    user += "\n\nWhat does the feature detect?"
-    return [{"role": "system", "content": EXPLAINER_SYSTEM}, {"role": "user", "content": user}]
+    user = f"Tokens it makes more likely as the next token: {logits}\n\n" if logits else ""
+    user += "Excerpts where the feature fires (strongest first):\n" + "\n".join(lines)
+    user += "\n\nWhat does the feature detect?"  # the excerpts last: small explainers echo what they read last
+    return [{"role": "system", "content": EXPLAINER_SYSTEM}, {"role": "user", "content": EXAMPLE_USER},
+            {"role": "assistant", "content": EXAMPLE_ANSWER}, {"role": "user", "content": user}]
 
 
 def parse_explanation(answer: str | None) -> str | None:
     """The explanation in a model's answer (the text after 'Explanation:', else its first line), or None if empty."""
     lines = [line.strip() for line in (answer or "").strip().splitlines() if line.strip()]
     chosen = ""
-    for line in lines:
+    for i, line in enumerate(lines):
         match = re.search(r"explanation\s*:\s*(.*)", line, flags=re.IGNORECASE)
-        if match and match.group(1).strip():
-            chosen = match.group(1)
+        if match and (match.group(1).strip() or i + 1 < len(lines)):
+            chosen = match.group(1).strip() or lines[i + 1]  # 'Explanation:' alone: the text is on the next line
             break
     if not chosen and lines:
         chosen = re.sub(r"^\s*explanation\s*:\s*", "", lines[0], flags=re.IGNORECASE)
@@ -112,14 +142,12 @@ def parse_explanation(answer: str | None) -> str | None:
 
 # --- the scorers ----------------------------------------------------------------------------------
 def detection_messages(explanation: str, context: Context) -> list[dict]:
-    user = (f"Explanation: {explanation}\n\nText: {render(context.tokens)}\n\n"
-            "Does the feature fire on this text? Answer yes or no.")
+    user = f"Explanation: {explanation}\n\nText: {render(context.tokens)}"
     return [{"role": "system", "content": DETECTION_SYSTEM}, {"role": "user", "content": user}]
 
 
 def fuzzing_messages(explanation: str, context: Context, marks: Iterable[int]) -> list[dict]:
-    user = (f"Explanation: {explanation}\n\nText: {render(context.tokens, marks)}\n\n"
-            "Are the marked tokens the ones the feature fires on? Answer yes or no.")
+    user = f"Explanation: {explanation}\n\nText: {render(context.tokens, marks)}"
     return [{"role": "system", "content": FUZZING_SYSTEM}, {"role": "user", "content": user}]
 
 

@@ -1,6 +1,8 @@
 """Score explanations by detection and fuzzing (the two cheap scorers of EleutherAI's delphi), ``scores.parquet``.
 
-Every trial is one prompt with one context, answered yes or no (:mod:`engine.autointerp.prompts`). Only held-out
+Every trial is one prompt with one context, answered yes or no (:mod:`engine.autointerp.prompts`): an endpoint
+writes its answer; a local model's answer is read from its next-token logits for yes vs no in one forward pass
+(:meth:`engine.autointerp.backends.LocalChatBackend.judge_batch`), so it never gives an unclear answer. Only held-out
 contexts are used (:func:`engine.autointerp.examples.feature_examples`), never one the explainer saw.
 
 - **Detection**: up to ``n_activating`` held-out activating contexts (top examples and interval samples, so the
@@ -12,9 +14,12 @@ contexts are used (:func:`engine.autointerp.examples.feature_examples`), never o
   ones the explanation describes. Truth: the marking is the true one.
 
 Each score is the balanced accuracy ``(TPR + TNR) / 2`` over the trials the scorer answered with a clear yes or no
-(0.5 = chance, 1 = perfect); ``*_n`` counts those trials, ``invalid`` the unclear answers left out.
-Columns: ``feature``, ``explainer``, ``scorer``, ``explanation``, ``detection``, ``detection_n``, ``fuzzing``,
-``fuzzing_n``, ``invalid``, ``prompt_hash``, ``time``, ``error``. One row per (feature, explainer, scorer);
+(0.5 = chance, 1 = perfect); ``*_n`` counts those trials, ``invalid`` the unclear answers left out. A scorer that
+gives a graded answer (a local model: its yes-minus-no logit) also gets ``*_auc``, the area under the ROC curve of
+that grade against the truth, which does not depend on where the scorer puts its yes/no threshold (a small model
+that answers "yes" to everything has balanced accuracy 0.5 whatever it has understood; its AUC can still tell).
+Columns: ``feature``, ``explainer``, ``scorer``, ``explanation``, ``detection``, ``detection_n``, ``detection_auc``,
+``fuzzing``, ``fuzzing_n``, ``fuzzing_auc``, ``invalid``, ``prompt_hash``, ``time``, ``error``. One row per (feature, explainer, scorer);
 resumable as :mod:`engine.autointerp.explain` (same prompts: skipped; failed: tried again).
 """
 from __future__ import annotations
@@ -49,8 +54,8 @@ from engine.autointerp.prompts import (
 from engine.autointerp.tables import SCORES, now, read_table, upsert
 from engine.core.progress import Progress, report
 
-COLUMNS = ("feature", "explainer", "scorer", "explanation", "detection", "detection_n", "fuzzing", "fuzzing_n",
-           "invalid", "prompt_hash", "time", "error")
+COLUMNS = ("feature", "explainer", "scorer", "explanation", "detection", "detection_n", "detection_auc", "fuzzing",
+           "fuzzing_n", "fuzzing_auc", "invalid", "prompt_hash", "time", "error")
 METHODS = ("detection", "fuzzing")
 
 
@@ -90,6 +95,14 @@ def balanced_accuracy(truth: Sequence[bool], predicted: Sequence[bool]) -> float
         raise ValueError(f"truth and predicted differ in length ({t.size} vs {p.size})")
     recalls = [float((p[t == cls] == cls).mean()) for cls in (True, False) if (t == cls).any()]
     return float(np.mean(recalls)) if recalls else math.nan
+
+
+def roc_auc(truth: Sequence[bool], grade: Sequence[float]) -> float:
+    """Area under the ROC curve of ``grade`` against ``truth``; NaN unless both classes are present."""
+    from sklearn.metrics import roc_auc_score
+
+    t = np.asarray(truth, dtype=bool)
+    return float(roc_auc_score(t, np.asarray(grade, dtype=float))) if 0 < t.sum() < t.size else math.nan
 
 
 def wrong_marks(context: Context, true_marks: set[int], rng: np.random.Generator) -> set[int]:
@@ -132,7 +145,7 @@ def _summarise(trials: list[Trial], answers: list) -> dict:
     out: dict = {"invalid": 0}
     errors = []
     for method in METHODS:
-        truth, predicted = [], []
+        truth, predicted, grades = [], [], []
         for trial, answer in zip(trials, answers):
             if trial.method != method:
                 continue
@@ -144,12 +157,27 @@ def _summarise(trials: list[Trial], answers: list) -> dict:
                 continue
             truth.append(trial.truth)
             predicted.append(said)
+            grades.append(answer.score)
         out[method] = balanced_accuracy(truth, predicted) if truth else math.nan
         out[f"{method}_n"] = len(truth)
+        graded = truth and all(g is not None for g in grades)
+        out[f"{method}_auc"] = roc_auc(truth, grades) if graded else math.nan
     valid = out["detection_n"] + out["fuzzing_n"]
     if not valid:
         out["error"] = errors[0] if errors else "The scorer answered no trial with a clear yes or no."
     return out
+
+
+def _judge(backend: ChatBackend, trials: list[Trial], max_tokens: int) -> list:
+    """The backend's answers to one feature's trials, asked one method at a time: the trials of a method share
+    their prompt up to the text, which a local scorer then computes once."""
+    answers: list = [None] * len(trials)
+    for method in METHODS:
+        chosen = [i for i, t in enumerate(trials) if t.method == method]
+        if chosen:
+            for i, answer in zip(chosen, backend.judge_batch([trials[i].messages for i in chosen], max_tokens)):
+                answers[i] = answer
+    return answers
 
 
 def score_features(dashboard, backend: ChatBackend, features: Sequence[int] | None = None, *,
@@ -193,15 +221,14 @@ def score_features(dashboard, backend: ChatBackend, features: Sequence[int] | No
                 continue
             rows.append({"feature": int(f), "explainer": who, "scorer": backend.name, "explanation": text,
                          "prompt_hash": digest, "time": now(), "error": "", "detection": math.nan, "detection_n": 0,
-                         "fuzzing": math.nan, "fuzzing_n": 0, "invalid": 0})
+                         "fuzzing": math.nan, "fuzzing_n": 0, "invalid": 0, "detection_auc": math.nan,
+                         "fuzzing_auc": math.nan})
             pending.append(trials)
             if not trials:
                 rows[-1]["error"] = "No held-out activating contexts: the feature fired on too few distinct contexts."
-        answers = iter(backend.chat_batch([t.messages for trials in pending for t in trials], config.max_tokens)
-                       if any(pending) else [])
         for row, trials in zip(rows, pending):
             if trials:
-                row.update(_summarise(trials, [next(answers) for _ in trials]))
+                row.update(_summarise(trials, _judge(backend, trials, config.max_tokens)))
         if rows:
             upsert(path, pd.DataFrame(rows), ["feature", "explainer", "scorer"], COLUMNS)
             counts["failed"] += sum(1 for r in rows if r["error"])

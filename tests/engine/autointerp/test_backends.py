@@ -39,11 +39,11 @@ def test_chat_posts_an_openai_request_and_reads_the_answer(server, backend):
 
 
 def test_retries_after_server_errors_and_a_timeout(server):
-    backend = make(server, timeout=0.3)
+    backend = make(server, timeout=2.0)  # long enough for a normal answer on a loaded machine
     server.faults.extend(["500", "500"])
     assert backend.chat(EXPLAIN) == "Explanation: the word Paris"
     assert len(server.requests) == 3
-    server.sleep_s = 1.0
+    server.sleep_s = 4.0
     server.faults.append("sleep")  # the server answers after the client gave up: the second try succeeds
     assert backend.chat(EXPLAIN) == "Explanation: the word Paris"
     assert len(server.requests) == 5
@@ -124,3 +124,41 @@ def test_local_backend_batches_with_left_padding_like_single_prompts(tiny_llama)
     too_long = backend.chat_batch([long, short], max_tokens=3)
     assert "more than the 30" in too_long[0].error and too_long[1].ok
     assert backend.spec()["kind"] == "local" and backend.name == "local:tiny-llama"
+
+
+def _trials(n: int) -> list[list[dict]]:
+    explanation = "the word Paris and other capital cities"
+    texts = ["We flew to Paris in May", "The cat sat on the mat", "London is big", "Paris", "x" * 40]
+    return [[{"role": "system", "content": DETECTION_SYSTEM},
+             {"role": "user", "content": f"Explanation: {explanation}\n\nDoes the feature fire on this text? "
+                                         f"Answer yes or no.\n\nText: {texts[i % len(texts)]} {i}"}]
+            for i in range(n)]  # the text last: the tiny Gemma 3 attends to a few tokens back only
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_judging_with_a_shared_prefix_equals_each_prompt_alone(arch, dtype):
+    import torch
+
+    from engine.core.models import from_model
+    from engine.core.tiny import build_tiny
+
+    model, tok = build_tiny(arch, seed=3)
+    if arch == "gemma3":  # a window shorter than the prompt (still masked) that reaches back to the varying text
+        model.config.sliding_window = 24
+    lm = from_model(model.to(getattr(torch, dtype)), tok, name=f"tiny-{arch}")
+    backend = LocalChatBackend(lm, judge_batch_size=16)
+    conversations = _trials(7)
+    rows = lm.tokenizer([backend.prompt_text(m) for m in conversations], add_special_tokens=False)["input_ids"]
+    shared = backend.yes_logit_margin(rows)
+    alone = [backend.yes_logit_margin([r])[0] for r in rows]  # one row: no padding, no shared prefix
+    backend.share_prefix = False
+    padded = backend.yes_logit_margin(rows)  # the whole batch left-padded, no cache
+    tol = 1e-4 if dtype == "float32" else 0.1
+    assert shared == pytest.approx(alone, abs=tol) and padded == pytest.approx(alone, abs=tol)
+    assert len(set(round(m, 3) for m in alone)) > 1  # the trials differ, so equal margins are not a coincidence
+    answers = backend.judge_batch(conversations)
+    assert [a.text for a in answers] == ["yes" if m > 0 else "no" for m in alone] or dtype == "bfloat16"
+    assert all(a.ok for a in answers)
+    backend.max_input_tokens = 10
+    assert "more than the 10" in backend.judge_batch(conversations[:1])[0].error

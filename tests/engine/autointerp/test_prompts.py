@@ -18,6 +18,7 @@ from engine.autointerp.prompts import (
     parse_yes_no,
     prompt_hash,
     render,
+    shown_contexts,
 )
 from engine.core.errors import UserError
 
@@ -42,6 +43,7 @@ def test_activating_marks_use_the_fraction_of_the_max_and_the_focus():
     ("Sure!\nExplanation: **city names**\nMore text", "city names"),
     ("  numbers after 'at'  ", "numbers after 'at"),
     ("Explanation:", None),
+    ("Explanation:\n\nThe word argument.\n\nMore text", "The word argument."),  # SmolLM2's usual form
     ("", None),
     (None, None),
 ])
@@ -83,9 +85,9 @@ def test_feature_examples_hold_out_what_the_explainer_never_sees(paris):
     assert len(ex.explain) >= 4 and len(ex.held_out) >= 4
     assert all("Paris" in c.text() for c in ex.explain + ex.held_out)
     messages = explainer_messages(ex)
-    assert [m["role"] for m in messages] == ["system", "user"]
-    assert messages[1]["content"].count("<<Paris>>") == len(ex.explain)
-    assert "<bos>" not in messages[1]["content"] and "(10/10)" in messages[1]["content"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]  # one worked example first
+    assert messages[-1]["content"].count("<<Paris>>") == len(ex.explain)
+    assert "<bos>" not in messages[-1]["content"] and "(10/10)" in messages[-1]["content"]
     assert prompt_hash(messages) == prompt_hash(explainer_messages(feature_examples(dash, 0, tok)))
     assert prompt_hash(messages) != prompt_hash(explainer_messages(feature_examples(dash, 1, tok)))
 
@@ -104,3 +106,12 @@ def test_bad_example_settings_are_refused():
         ExampleConfig(mark_fraction=2.0).check()
     with pytest.raises(UserError, match="before"):
         ExampleConfig(before=-1).check()
+
+
+def test_the_explainer_sees_at_most_max_explain_contexts_across_the_range():
+    top = [Context(row=i, tokens=["t"], acts=[10.0 - i * 0.1], focus=0) for i in range(10)]
+    interval = [Context(row=100 + i, tokens=["t"], acts=[5.0 - i], focus=0, source="interval") for i in range(5)]
+    chosen = shown_contexts(top + interval, 6)
+    assert [c.row for c in chosen] == [0, 1, 2, 3, 100, 104]  # the 4 strongest top ones, the interval ends
+    assert shown_contexts(top + interval, 0) == sorted(top + interval, key=lambda c: -c.max_act)
+    assert [c.row for c in shown_contexts(interval, 3)] == [100, 102, 104]  # no top examples: spread intervals
