@@ -5,12 +5,15 @@ Pure functions (no Streamlit). Scatter points carry their index in the point clo
 """
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
+
+from components.lens_plots import show_token
 
 PALETTE = qualitative.Dark24 + qualitative.Light24
 MANY = 24  # more categories than this: the top N (by number of points) get colours, the rest are "other"
@@ -185,4 +188,62 @@ def probe_figure(curve: dict, height: int = 380) -> go.Figure:
                             f"{curve['n_points']} points, {curve['folds']}-fold"
                             f"{f', grouped by {grouped}' if grouped else ''})",
                       legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+# --- linked views: a token placed in the projection, a selection from a link, the lens of a selection's mean --------
+TOKEN_COLOR = "#d62728"
+
+
+def add_token_point(fig: go.Figure, xy: Sequence[float], label: str, size: int = 22) -> go.Figure:
+    """Draw one extra point (a token placed in the projection) as a large labelled star on top of the scatter.
+
+    It carries no ``customdata``, so a box or lasso around it selects only the cloud's points."""
+    xy = [float(v) for v in xy]
+    common = dict(mode="markers+text", name=f"★ {label}", text=[label], textposition="top center",
+                  hovertemplate=f"{html.escape(label)}<extra></extra>", showlegend=True, legendrank=-2,
+                  textfont=dict(color=TOKEN_COLOR, size=13))
+    if len(xy) == 3:
+        fig.add_trace(go.Scatter3d(x=[xy[0]], y=[xy[1]], z=[xy[2]], marker=dict(
+            symbol="diamond", size=size // 2, color=TOKEN_COLOR, line=dict(color="black", width=2)), **common))
+    else:
+        fig.add_trace(go.Scatter(x=[xy[0]], y=[xy[1]], marker=dict(
+            symbol="star", size=size, color=TOKEN_COLOR, line=dict(color="black", width=1.5)),
+            unselected=dict(marker=dict(opacity=1.0), textfont=dict(color=TOKEN_COLOR)), **common))  # never dimmed
+    return fig
+
+
+def mark_selection(fig: go.Figure, points: Sequence[int]) -> go.Figure:
+    """Show ``points`` (cloud indices) as Plotly's own selection: ``selectedpoints`` on every trace that carries
+    point indices in ``customdata`` (the others, e.g. a placed token, stay as they are). 3-D scatters have no
+    selection: there the selected points are drawn three times larger instead."""
+    wanted = {int(p) for p in points}
+    for trace in fig.data:
+        custom = trace.customdata
+        if custom is None or not len(custom):
+            continue
+        if "selectedpoints" not in trace:  # Scatter3d
+            size = trace.marker.size or 4
+            trace.marker.size = [size * 3 if int(data[0]) in wanted else size for data in custom]
+            continue
+        trace.selectedpoints = [i for i, data in enumerate(custom) if int(data[0]) in wanted]
+    return fig
+
+
+def mean_lens_figure(layers: Sequence[int], tokens: Sequence[Sequence[str]], probs: np.ndarray, site: str,
+                     n_points: int, height: int | None = None) -> go.Figure:
+    """Layer (rows, first layer at the bottom) x rank, each cell the token the lens reads there, coloured by its
+    probability."""
+    probs = np.asarray(probs, dtype=float)
+    rows, k = probs.shape
+    text = [[show_token(tokens[r][c], 9) for c in range(k)] for r in range(rows)]
+    hover = [[f"layer {layers[r]} · rank {c + 1}<br>{html.escape(repr(tokens[r][c]))}: p = {probs[r, c]:.3f}"
+              for c in range(k)] for r in range(rows)]
+    fig = go.Figure(go.Heatmap(z=probs, x=[f"#{c + 1}" for c in range(k)], y=[str(layer) for layer in layers],
+                               text=text, texttemplate="%{text}", textfont={"size": 11}, customdata=hover,
+                               hovertemplate="%{customdata}<extra></extra>", colorscale="Blues", zmin=0.0,
+                               zmax=1.0, colorbar=dict(title="p")))
+    fig.update_layout(title=f"Logit lens of the mean of {n_points} selected point{'s' * (n_points != 1)} ({site})",
+                      xaxis_title="rank", xaxis_type="category", yaxis_title="layer", yaxis_type="category",
+                      height=height or max(260, 22 * rows + 120), margin=dict(l=50, r=20, t=40, b=40))
     return fig

@@ -1,4 +1,9 @@
-"""Concept space: PCA/UMAP of hidden states per layer, spread measures per layer, layer-wise probes."""
+"""Concept space: PCA/UMAP of hidden states per layer, spread measures per layer, layer-wise probes.
+
+Linked views (:mod:`components.linked_concepts`): ``?concept_layer=L&concept_point_prompt=…&concept_point_pos=P``
+places one token of any prompt in the projection (a link from the lens page); a box or lasso selection, kept in the
+URL as ``s_concept_sel``, shows the lens of the selected points' mean and the SAE features most active on them.
+"""
 from __future__ import annotations
 
 import pandas as pd
@@ -7,14 +12,28 @@ import streamlit as st
 from components.concept_plots import (
     MANY,
     TOP_N,
+    add_token_point,
     category_count,
     find_highlight,
     geometry_figure,
     is_numeric_label,
+    mark_selection,
     probe_figure,
     scatter_figure,
 )
 from components.export import concept_html, file_name
+from components.linked_concepts import (
+    POINT_KEYS,
+    SELECTION_KEYS,
+    chart_key,
+    clear_selection_button,
+    place_token,
+    point_inputs,
+    selection_marks,
+    selection_panels,
+    take_event,
+    valid_selection,
+)
 from components.links import sync_query_params
 from components.session import (
     cache_key,
@@ -140,24 +159,37 @@ def _points_table(coords, cloud, spec: tuple) -> pd.DataFrame:
 @st.fragment
 def scatter_with_selection(spec: tuple, cloud, layer: int, method: str, dims: int, normalize: bool, align: bool,
                            color: str, top_n: int, highlight: str) -> None:
-    """Scatter and the table of selected points live in one fragment, so a selection reruns only this."""
+    """Scatter and the table of selected points live in one fragment, so a selection reruns only this; so do the
+    linked views (a token placed in the projection, the lens and features of the selection)."""
+    point_inputs()
     busy = "Projecting" if method == "pca" or umap_ready() else "Projecting (the first UMAP compiles; ~30-60 s)"
     try:
         with st.spinner(f"{busy}…"):
-            compute = aligned_projection if align else projection
-            coords = compute(spec, layer, method, dims, normalize)
+            coords = projection(spec, layer, method, dims, normalize)
+            shown = aligned_projection(spec, layer, method, dims, normalize) if align else coords
     except UserError as exc:
         show_user_error(exc)
         return
+    token = place_token(spec, cloud, layer, method, dims, normalize, coords, shown)
     points, found = find_highlight(cloud.labels, color, highlight)
     if highlight.strip():
         st.caption(f"Highlighting {len(points)} points: {found}." if points else
                    f"Nothing matches '{highlight.strip()}' in the labels; showing every point.")
     title = f"{cloud.name}: {method.upper()} of {cloud.site}, layer {layer} ({cloud.n_points:,} points)"
-    figure = scatter_figure(coords, cloud.label(color), cloud.hover, color, title=title, top_n=top_n,
+    figure = scatter_figure(shown, cloud.label(color), cloud.hover, color, title=title, top_n=top_n,
                             highlight=points, highlight_name=highlight.strip())
+    if token is not None:
+        add_token_point(figure, *token)
+    chosen = valid_selection(cloud.n_points)
+    base = (spec, layer, method, dims, normalize, align, color, top_n, highlight, token and tuple(token[0]))
+    marks = selection_marks(base)
+    if marks:
+        mark_selection(figure, marks)
     event = st.plotly_chart(figure, on_select="rerun", selection_mode=("box", "lasso", "points"),
-                            key=f"concept_scatter_{dims}", width="stretch")
+                            key=chart_key(dims), width="stretch")
+    if take_event(base, marks, _selected_points(event)):
+        chosen = valid_selection(cloud.n_points)
+    sync_link()  # a new selection or token into the URL (a fragment rerun does not reach the page's own call)
 
     def html_file() -> str:  # made on click: the file embeds plotly.js
         notes = [f"Colour: {color}" + (f"; highlighted: {found}" if points else "") + ".",
@@ -165,18 +197,18 @@ def scatter_with_selection(spec: tuple, cloud, layer: int, method: str, dims: in
                  "Each layer's projection aligned onto the previous one (Procrustes)." if align else ""]
         source = {"model": spec[2].split("|")[0], "points": cloud.name, "site": cloud.site, "layer": layer,
                   "projection": f"{method.upper()} ({dims}-D)"}
-        return concept_html(figure, _points_table(coords, cloud, spec), title=title, notes=notes, source=source)
+        return concept_html(figure, _points_table(shown, cloud, spec), title=title, notes=notes, source=source)
 
     d1, d2, _ = st.columns([1, 1, 3])
-    d1.download_button("Download points (CSV)", lambda: _points_table(coords, cloud, spec).to_csv(index=False),
+    d1.download_button("Download points (CSV)", lambda: _points_table(shown, cloud, spec).to_csv(index=False),
                        file_name=file_name("concept", cloud.name, method, f"layer{layer}", ext="csv"),
                        mime="text/csv", on_click="ignore", key="concept_points_csv")
     d2.download_button("Download HTML", html_file, file_name=file_name("concept", cloud.name, method, f"layer{layer}"),
                        mime="text/html", on_click="ignore", key="concept_html",
                        help="One self-contained page (the interactive scatter and every point) that opens offline.")
-    chosen = _selected_points(event)
     if not chosen:
-        st.caption("Select points (box or lasso) to list their contexts.")
+        st.caption("Select points (box or lasso) to list their contexts, read their mean through the lens and see "
+                   "the SAE features most active on them.")
         return
     table = pd.DataFrame({"point": chosen, "context": [cloud.hover[i] for i in chosen],
                           **{name: [values[i] for i in chosen] for name, values in cloud.labels.items()}})
@@ -184,8 +216,12 @@ def scatter_with_selection(spec: tuple, cloud, layer: int, method: str, dims: in
         table.insert(1, "store row", [cloud.row_ids[i] for i in chosen])
     st.markdown(f"**{len(chosen)} selected points**")
     st.dataframe(table, hide_index=True, width="stretch", height=min(400, 40 + 35 * len(chosen)))
-    st.download_button("Download selection (CSV)", table.to_csv(index=False).encode(), file_name="selection.csv",
+    c1, c2, _ = st.columns([1, 1, 3])
+    c1.download_button("Download selection (CSV)", table.to_csv(index=False).encode(), file_name="selection.csv",
                        mime="text/csv", key="concept_download")
+    with c2:
+        clear_selection_button()
+    selection_panels(spec, cloud, layer, chosen)
 
 
 def geometry_section(spec: tuple, cloud, concept_label: str | None) -> None:
@@ -236,7 +272,8 @@ SOURCES = ["Prompt set", "Activation store"]
 LINK_KEYS = {"concept_source": SOURCES[0], "concept_set": next(iter(PROMPT_SETS)), "concept_positions": "last",
              "concept_site": "resid_post", "concept_layer": -1, "concept_method": "pca", "concept_dims": 2,
              "concept_color": "", "concept_top_n": TOP_N, "concept_highlight": "", "concept_normalize": False,
-             "concept_align": False, "concept_tab": TABS[0]}  # layer -1, colour '': the prompt set's defaults
+             "concept_align": False, "concept_tab": TABS[0], **POINT_KEYS, **SELECTION_KEYS}
+# layer -1, colour '': the prompt set's defaults; the linked views' keys: components.linked_concepts
 LINK_OPTIONS = {"concept_source": SOURCES, "concept_set": list(PROMPT_SETS), "concept_positions": POSITION_MODES,
                 "concept_site": SITES, "concept_method": ["pca", "umap"], "concept_dims": [2, 3],
                 "concept_top_n": range(1, 49), "concept_tab": TABS}
@@ -244,8 +281,9 @@ LINK_OPTIONS = {"concept_source": SOURCES, "concept_set": list(PROMPT_SETS), "co
 
 def sync_link(show: bool = False) -> None:
     """The view's state from this session or the link (``?concept_set=months&concept_layer=3…``), and the current
-    view back into the URL; a long highlight goes in as a share id."""
-    problems = sync_query_params(LINK_KEYS, long_keys={"concept_highlight"}, options=LINK_OPTIONS)
+    view back into the URL; a long highlight or token prompt, and the selection, go in as share ids."""
+    problems = sync_query_params(LINK_KEYS, long_keys={"concept_highlight", "concept_point_prompt", "concept_sel"},
+                                 options=LINK_OPTIONS)
     for problem in problems if show else ():
         st.warning(problem)
 
@@ -256,6 +294,11 @@ def resolve_view(spec: tuple, cloud, color_options: list[str], default_color: st
     if state.get("concept_color_for") not in (None, spec[3]):  # another set: its own default colour
         state["concept_color"] = ""
     state["concept_color_for"] = spec[3]
+    site_at = 4 if spec[0] == "prompts" else 5
+    points_from = spec[:site_at] + spec[site_at + 1:]  # the same points at another site keep their numbers
+    if state.get("concept_sel_for") not in (None, points_from):  # other points: the selected numbers mean nothing
+        state["concept_sel"] = []
+    state["concept_sel_for"] = points_from
     if state.get("concept_color") not in color_options:
         state["concept_color"] = default_color if default_color in color_options else color_options[0]
     if state.get("concept_layer") not in cloud.layers:

@@ -196,18 +196,29 @@ def _prepare(X: np.ndarray, normalize: bool) -> np.ndarray:
         raise ProjectionError(f"{bad} points have infinite or NaN values (fp16 overflow?); capture in bfloat16 or "
                               "float32.")
     if normalize:
-        X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        X = unit_rows(X)
     return X - X.mean(0, keepdims=True)
+
+
+def unit_rows(X: np.ndarray) -> np.ndarray:
+    """Each row divided by its length (the projections' "normalise" option)."""
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def pca_estimator(X: np.ndarray, n_components: int, seed: int = 0):
+    """The (unfitted) scikit-learn PCA :func:`pca` uses for ``X``: the same solver and seed, so a fit of it
+    reproduces :func:`pca`'s coordinates and can ``transform`` further points into them."""
+    from sklearn.decomposition import PCA
+
+    k = max(1, min(n_components, X.shape[0], X.shape[1]))
+    solver = "randomized" if min(X.shape) > 3 * k and X.shape[0] * X.shape[1] > 2_000_000 else "full"
+    return PCA(n_components=k, svd_solver=solver, random_state=seed)
 
 
 def pca(X: np.ndarray, n_components: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Centred PCA: ``(coordinates [n, k], explained variance ratio [k])`` (randomized when large)."""
-    from sklearn.decomposition import PCA
-
     X = np.asarray(X, dtype=np.float32)
-    k = max(1, min(n_components, X.shape[0], X.shape[1]))
-    solver = "randomized" if min(X.shape) > 3 * k and X.shape[0] * X.shape[1] > 2_000_000 else "full"
-    model = PCA(n_components=k, svd_solver=solver, random_state=seed)
+    model = pca_estimator(X, n_components, seed)
     Y = model.fit_transform(X).astype(np.float32)
     if Y.shape[1] < n_components:  # fewer points than dimensions: pad with zeros so the plot still works
         Y = np.pad(Y, ((0, 0), (0, n_components - Y.shape[1])))
@@ -238,9 +249,7 @@ def project(X: np.ndarray, method: str = "pca", n_components: int = 2, *, seed: 
                               "more points.")
     import umap
 
-    settings = {"n_components": n_components, "n_neighbors": max(2, min(n_neighbors, n - 1)), "min_dist": min_dist,
-                "n_epochs": n_epochs or (500 if n < 10_000 else 200), "random_state": seed,
-                "init": "spectral" if n > n_components + 8 else "random"}
+    settings = umap_settings(n, n_components, seed=seed, n_neighbors=n_neighbors, min_dist=min_dist, n_epochs=n_epochs)
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"umap-{_umap_key(X, settings, pca_dims)}.npy"
@@ -259,6 +268,14 @@ def project(X: np.ndarray, method: str = "pca", n_components: int = 2, *, seed: 
                 np.save(handle, Y, allow_pickle=False)
         atomic_write(path, write)
     return Y
+
+
+def umap_settings(n: int, n_components: int, *, seed: int = 0, n_neighbors: int = 15, min_dist: float = 0.1,
+                  n_epochs: int | None = None) -> dict:
+    """The ``umap.UMAP`` arguments :func:`project` uses for ``n`` points."""
+    return {"n_components": n_components, "n_neighbors": max(2, min(n_neighbors, n - 1)), "min_dist": min_dist,
+            "n_epochs": n_epochs or (500 if n < 10_000 else 200), "random_state": seed,
+            "init": "spectral" if n > n_components + 8 else "random"}
 
 
 def _umap_key(X: np.ndarray, settings: dict, pca_dims: int) -> str:
@@ -283,8 +300,9 @@ def _read_cached(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
     return Y
 
 
-def procrustes_align(Y: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Rotate (reflections allowed), scale and shift ``Y`` to best match ``reference`` (same points)."""
+def procrustes_fit(Y: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rotation (reflections allowed), scale and shift that best map ``Y`` onto ``reference`` (same points),
+    as ``(y_mean, matrix, r_mean)``: aligned = ``(Y - y_mean) @ matrix + r_mean`` (matrix = scale x rotation)."""
     Y = np.asarray(Y, dtype=np.float64)
     ref = np.asarray(reference, dtype=np.float64)
     if Y.shape != ref.shape:
@@ -295,7 +313,13 @@ def procrustes_align(Y: np.ndarray, reference: np.ndarray) -> np.ndarray:
     rotation = U @ Vt
     norm = (Yc ** 2).sum()
     scale = S.sum() / norm if norm > 0 else 1.0
-    return (scale * Yc @ rotation + r_mean).astype(np.float32)
+    return y_mean, scale * rotation, r_mean
+
+
+def procrustes_align(Y: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Rotate (reflections allowed), scale and shift ``Y`` to best match ``reference`` (same points)."""
+    y_mean, matrix, r_mean = procrustes_fit(Y, reference)
+    return ((np.asarray(Y, dtype=np.float64) - y_mean) @ matrix + r_mean).astype(np.float32)
 
 
 _warm = {"thread": None, "done": threading.Event(), "error": None}
@@ -312,7 +336,9 @@ def warm_up_umap(background: bool = True, n_points: int = 4096) -> threading.Thr
             data = np.random.default_rng(0).normal(size=(n_points, 10)).astype(np.float32)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                umap.UMAP(n_components=2, n_epochs=5, random_state=0).fit_transform(data)
+                model = umap.UMAP(n_components=2, n_epochs=5, random_state=0)
+                model.fit_transform(data)
+                model.transform(data[:2])  # placing a token in a projection (engine.geometry.selection) compiles this
         except Exception as exc:  # warm-up is best effort; a real projection will report the problem
             _warm["error"] = exc
         finally:
