@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.colors import cyclical, sample_colorscale
 from plotly.subplots import make_subplots
 
 from components.concept_plots import PALETTE, geometry_figure
@@ -58,6 +59,12 @@ def probe_curves_figure(data: dict) -> go.Figure:
     return fig
 
 
+def cycle_colors(n: int) -> list[str]:
+    """``n`` colours around a cyclic scale: neighbours in the calendar get neighbouring hues, and the last item's
+    hue runs back into the first's, so the colours alone show whether the order goes round."""
+    return sample_colorscale(cyclical.Phase, [i / n for i in range(n)])
+
+
 def cycles_figure(data: dict) -> go.Figure:
     """Days and months on their top two principal components: context points (faint) and their averages,
     joined in calendar order (a circle if the order runs around)."""
@@ -66,17 +73,16 @@ def cycles_figure(data: dict) -> go.Figure:
                                                                 for name, s in sets.items()])
     for col, (name, s) in enumerate(sets.items(), start=1):
         points, means = s["points"], s["means"]
+        colors = cycle_colors(len(means))
         fig.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers", showlegend=False,
-                                 marker={"size": 5, "opacity": 0.35,
-                                         "color": [PALETTE[i % len(PALETTE)] for i in s["point_item"]]},
+                                 marker={"size": 5, "opacity": 0.35, "color": [colors[i] for i in s["point_item"]]},
                                  text=[s["items"][i] for i in s["point_item"]], hovertemplate="%{text}<extra></extra>"),
                       row=1, col=col)
         loop = means + means[:1]
         fig.add_trace(go.Scatter(x=[m[0] for m in loop], y=[m[1] for m in loop], mode="lines+markers+text",
                                  showlegend=False, text=[w[:3] for w in s["items"]] + [""], textposition="top center",
-                                 line={"color": "gray", "width": 1},
-                                 marker={"size": 10, "color": [PALETTE[i % len(PALETTE)] for i in range(len(means))]
-                                         + [PALETTE[0]]}),
+                                 line={"color": "gray", "width": 1}, marker={"size": 10, "color": colors + colors[:1]},
+                                 hovertext=s["items"] + s["items"][:1], hovertemplate="%{hovertext}<extra></extra>"),
                       row=1, col=col)
         fig.update_xaxes(title_text="PC 1", zeroline=True, row=1, col=col)
         fig.update_yaxes(title_text="PC 2", zeroline=True, row=1, col=col)
@@ -85,14 +91,19 @@ def cycles_figure(data: dict) -> go.Figure:
 
 
 def cycle_scores_figure(data: dict) -> go.Figure:
+    """Circular-order score per layer for days and months, each with its chance level (dashed, in the legend, so
+    two nearly equal chance levels cannot print their labels over each other) and the projected layer dotted."""
     fig = go.Figure()
+    ends = [data["layers"][0], data["layers"][-1]]
     for k, (name, values) in enumerate(data["curves"].items()):
         fig.add_trace(go.Scatter(x=data["layers"], y=values, mode="lines+markers", name=name,
                                  line={"color": PALETTE[k]}))
-        fig.add_hline(y=data["chance"][name], line_dash="dash", line_color=PALETTE[k], opacity=0.5,
-                      annotation_text=f"random {name}", annotation_position="top right")
+        fig.add_trace(go.Scatter(x=ends, y=[data["chance"][name]] * 2, mode="lines", name=f"random order, {name}",
+                                 line={"color": PALETTE[k], "dash": "dash", "width": 1}, opacity=0.6,
+                                 hovertemplate=f"random order, {name}: %{{y:.3f}}<extra></extra>"))
     fig.add_vline(x=data["chosen"], line_dash="dot", line_color="gray")
-    fig.update_layout(xaxis_title="layer", yaxis={"title": "circular-order score", "range": [-0.02, 1.02]},
+    fig.update_layout(xaxis_title=f"layer (dotted: layer {data['chosen']}, the one projected)",
+                      yaxis={"title": "circular-order score", "range": [-0.02, 1.02]},
                       height=340, margin={"t": 40}, legend={"orientation": "h", "y": 1.12})
     return fig
 

@@ -1,7 +1,8 @@
 """Tours: short guided walks that reproduce the papers' findings live on the loaded model.
 
 Thin page: pick a tour and its one "try this" setting (both kept in the URL), run it through
-``st.cache_data`` (string keys), then show its steps, figures, verdict and checks.
+``st.cache_data`` (string keys), then show its steps, figures, verdict and checks: every step at once, or one
+step at a time with Previous / Next (the step on screen is in the URL too, ``?tour_step=2``).
 """
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import json
 import pandas as pd
 import streamlit as st
 
+from components.links import sync_query_params
 from components.session import cache_key, current_model, get_model_by_key, model_key, show_user_error
 from components.tour_views import tour_view, verdict_badge
 from engine.core.errors import UserError
 from engine.tours import TOURS, default_params, disk_inputs, parse_params, run_tour, tuned_lens_job_spec
 
 PREFIX = "t_"  # query parameters of the tour's settings: ?tour=circular&t_layer=9
+STEP = "tour_step"  # the step on screen, 1..n; 0 shows every step at once
+MAX_STEPS = 12
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -40,6 +44,36 @@ def _init_state(n_layers: int) -> None:
         values = default_params(tour, n_layers)
     for name, value in values.items():
         st.session_state[f"tour_{tour}_{name}"] = value
+
+
+def _restart_walk() -> None:
+    """Another tour: a walk in progress starts again at its first step."""
+    if st.session_state.get(STEP, 0):
+        st.session_state[STEP] = 1
+
+
+def _move(delta: int, n_steps: int) -> None:
+    st.session_state[STEP] = min(max(st.session_state.get(STEP, 0) + delta, 0), n_steps)
+
+
+def _step_picker(steps: list[dict]) -> int:
+    """The step on screen (0: all of them), clamped to this tour's steps and kept in the URL."""
+    n_steps = len(steps)
+    if st.session_state[STEP] > n_steps:
+        st.session_state[STEP] = n_steps
+        sync_query_params({STEP: 0})
+    labels = ["All steps"] + [f"{k}. {step['title']}" for k, step in enumerate(steps, start=1)]
+    return st.radio("Step", range(n_steps + 1), format_func=labels.__getitem__, horizontal=True, key=STEP)
+
+
+def _step_buttons(step: int, n_steps: int) -> None:
+    left, middle, right = st.columns([1, 2, 1], vertical_alignment="center")
+    left.button("◀ Previous", key="tour_prev", disabled=step <= 1, on_click=_move, args=(-1, n_steps),
+                width="stretch")
+    middle.markdown(f"<div style='text-align:center'>step {step} of {n_steps}</div>" if step else "",
+                    unsafe_allow_html=True)
+    right.button("Next ▶", key="tour_next", disabled=step >= n_steps, on_click=_move, args=(1, n_steps),
+                 width="stretch", type="primary")
 
 
 def _control(tour: str, param, n_layers: int, column) -> object:
@@ -84,17 +118,23 @@ def _checks_table(checks: list[dict]) -> pd.DataFrame:
 def _render(result: dict) -> None:
     st.markdown(f"### {result['title']}  {verdict_badge(result['matches_paper'])}")
     st.caption(f"{result['paper']} · measured on **{result['model']}** in {result['seconds']:.1f} s")
+    steps = result["steps"]
+    step = _step_picker(steps)
+    chosen = list(enumerate(steps, start=1)) if step == 0 else [(step, steps[step - 1])]
     shown: set[str] = set()
-    for number, step in enumerate(result["steps"], start=1):
-        st.markdown(f"**{number}. {step['title']}**  \n{step['text']}")
-        name = step.get("figure")
+    for number, each in chosen:
+        st.markdown(f"**{number}. {each['title']}**  \n{each['text']}")
+        name = each.get("figure")
         if name and name not in shown and name in result["figures"]:
             shown.add(name)
             _show(name, result["figures"][name])
-    for name, data in result["figures"].items():
-        if name not in shown:
-            _show(name, data)
-    if result["tour"] == "lens_comparison" and not result["measured"].get("tuned_lens"):
+    if step in (0, len(steps)):  # figures no step refers to come after the last step
+        referenced = {each.get("figure") for each in steps}
+        for name, data in result["figures"].items():
+            if name not in shown and name not in referenced:
+                _show(name, data)
+    _step_buttons(step, len(steps))
+    if step in (0, len(steps)) and result["tour"] == "lens_comparison" and not result["measured"].get("tuned_lens"):
         with st.expander("Train a tuned lens for this model"):
             st.caption("Submit this job from the Jobs page (or any job runner); the tour picks the lens up when "
                        "it is saved.")
@@ -112,8 +152,11 @@ st.caption("Short guided walks through findings from the papers this tool is bui
            "the paper's effect, the tour says so.")
 lm = current_model()
 _init_state(lm.n_layers)
+for problem in sync_query_params({STEP: 0}, options={STEP: range(MAX_STEPS + 1)}):
+    st.warning(problem)
 top = st.columns([2, 3])
-tour = top[0].selectbox("Tour", list(TOURS), format_func=lambda k: TOURS[k].title, key="tour_choice")
+tour = top[0].selectbox("Tour", list(TOURS), format_func=lambda k: TOURS[k].title, key="tour_choice",
+                        on_change=_restart_walk)
 controls = top[1].columns(max(1, len(TOURS[tour].params)))
 values = {p.name: _control(tour, p, lm.n_layers, controls[i]) for i, p in enumerate(TOURS[tour].params)}
 try:

@@ -203,8 +203,9 @@ def run_circular(lm, layer: int | None = None) -> TourResult:
                  f"Days: score {days['score']:.2f} (a random arrangement averages {days['chance']:.3f}; p "
                  f"{p_text(days['p'])}), the two components hold {100 * days['share']:.0f} % of the variance of the "
                  f"averages. Months: score {months['score']:.2f} (random {months['chance']:.3f}; p "
-                 f"{p_text(months['p'])}), {100 * months['share']:.0f} %. Best layers: days {best['days']} "
-                 f"({max(days['scores']):.2f}), months {best['months']} ({max(months['scores']):.2f}); a perfect "
+                 f"{p_text(months['p'])}), {100 * months['share']:.0f} %. Highest score: days "
+                 f"{max(days['scores']):.2f} (first at layer {best['days']}), months {max(months['scores']):.2f} (first "
+                 f"at layer {best['months']}); a perfect "
                  f"circle at {sum(v == 1.0 for v in days['scores'])} (days) and "
                  f"{sum(v == 1.0 for v in months['scores'])} (months) of the {len(days['scores'])} layers.", "scores"),
         TourStep("Verdict", ("Matches the paper: " if matches else "Not clearly like the paper: ") + reason
