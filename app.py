@@ -25,6 +25,7 @@ def serve(argv: list[str]) -> None:
 # (file, title, icon, url path). The url paths differ from the file names on purpose: started with
 # `streamlit run app.py` instead of `python app.py`, Streamlit's legacy mode (see serve) would map
 # /<file stem> to pages/<file stem>.py as a stand-alone script without this entry file's sidebar.
+# The first page is the default one, served at /; its own path forwards there (see navigation_pages).
 PAGES = [
     ("pages/lens.py", "Lens", ":material/stacked_line_chart:", "lens-view"),
     ("pages/concepts.py", "Concept space", ":material/scatter_plot:", "concept-space"),
@@ -34,6 +35,30 @@ PAGES = [
     ("pages/jobs.py", "Jobs & data", ":material/settings:", "jobs-and-data"),
 ]
 HERE = Path(__file__).resolve().parent
+
+
+def _forward_to(page):
+    """A page body that opens ``page`` instead, keeping the link's query parameters."""
+    def forward() -> None:
+        st.switch_page(page, query_params=st.query_params.to_dict())
+    return forward
+
+
+def navigation_pages() -> list:
+    """The app's pages for ``st.navigation``, plus a hidden alias for the default page's own path.
+
+    Streamlit serves the default page at / only, so /lens-view (the lens's path in PAGES) would show "Page not
+    found"; the alias forwards it to /, with the link's query parameters."""
+    pages, alias = [], []
+    for i, (file, title, icon, path) in enumerate(PAGES):
+        if not (HERE / file).exists():
+            continue
+        if i == 0:
+            pages.append(st.Page(str(HERE / file), title=title, icon=icon, url_path="", default=True))
+            alias.append(st.Page(_forward_to(pages[0]), title=title, icon=icon, url_path=path, visibility="hidden"))
+        else:
+            pages.append(st.Page(str(HERE / file), title=title, icon=icon, url_path=path))
+    return pages + alias
 
 
 def _take_typed_token() -> None:
@@ -74,8 +99,7 @@ def main() -> None:
 
     st.set_page_config(page_title="Latent Explorer", page_icon=":material/visibility:", layout="wide")
     policy = current_policy()  # once per run: the environment decides (demo mode, token, allow-list)
-    pages = [st.Page(str(HERE / file), title=title, icon=icon, url_path=path, default=(i == 0))
-             for i, (file, title, icon, path) in enumerate(PAGES) if (HERE / file).exists()]
+    pages = navigation_pages()
     allowed = token_gate(policy)
     navigation = st.navigation(pages, position="sidebar" if allowed else "hidden")
     if not allowed:
@@ -85,10 +109,12 @@ def main() -> None:
                          help="This shared server loads only the listed models, downloads nothing, runs no code "
                               "that comes with a model and keeps paths under its data folders.")
     sidebar(policy)
-    ensure_demo()  # first start on an embedded model without an SAE: queue the demo (LATENT_EXPLORER_NO_DEMO=1: off)
     with st.sidebar:
         job_tray(next((page for page in pages if page.url_path == "jobs-and-data"), None))
-    navigation.run()
+    try:
+        navigation.run()  # the page loads the model under its "Loading…" spinner
+    finally:  # also after a page's st.stop(): first start on an embedded model without an SAE queues the demo
+        ensure_demo()  # (LATENT_EXPLORER_NO_DEMO=1: off)
 
 
 if __name__ == "__main__" and not runtime.exists():

@@ -65,14 +65,15 @@ def has_sae(lm) -> bool:
 
 def _loaded_model():
     """The sidebar's model, loaded once (shared with the pages); None if it cannot be loaded (the page says why)."""
-    from components.session import _cached_model, check_model_choice, model_key
+    from components.session import check_model_choice, get_model_by_key, model_key
 
-    spec, device, dtype, trust = model_key()
+    key = model_key()  # (spec, device, dtype, trust, device_map): the pages' key, so the same cached model
+    spec, trust = key[0], key[3]
     if not spec:
         return None
     try:
         check_model_choice(spec, trust)
-        return _cached_model(spec, device, dtype, trust)
+        return get_model_by_key(key)
     except UserError:
         return None
 

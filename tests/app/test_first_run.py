@@ -90,3 +90,15 @@ def test_demo_mode_does_not_queue_it(tmp_path):
     with mock.patch("engine.serving.current_policy", return_value=mock.Mock(demo=True)):
         assert first_run.ensure_demo(lm) is None
     assert not _demo_jobs(tmp_path)
+
+
+def test_the_entry_script_queues_the_demo_from_any_page(tmp_path):
+    """app.py queues the demo after whichever page runs (here the lens, the default page), for the same cached
+    model the page loaded (the sidebar's whole model key, device map included)."""
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    assert at.title[0].value.startswith("Lens")
+    jobs = _demo_jobs(tmp_path)
+    assert len(jobs) == 1 and jobs[0].spec["params"]["model"] == "tiny:llama", jobs
+    LocalRunner(tmp_path / "cache" / "jobs").cancel(jobs[0].id)  # its build is tested above

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
@@ -32,9 +33,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclasses.dataclass(frozen=True)
+class Server:
+    url: str
+    pid: int
+    log: Path
+
+
 @contextlib.contextmanager
-def streamlit_server(model: str, timeout: float = 90.0, streamlit_run: bool = False):
-    """Serve app.py as `make run` does (`python app.py`), or with plain `streamlit run app.py`."""
+def app_server(model: str, timeout: float = 90.0, streamlit_run: bool = False):
+    """Serve app.py as `make run` does (`python app.py`), or with plain `streamlit run app.py`; yields a
+    :class:`Server` (its URL, process id and log file)."""
     port = _free_port()
     env = dict(os.environ, LATENT_EXPLORER_MODEL=model, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     log = (OUTPUT / f"streamlit-{port}.log")
@@ -47,23 +56,55 @@ def streamlit_server(model: str, timeout: float = 90.0, streamlit_run: bool = Fa
              "--browser.gatherUsageStats", "false"],
             cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         try:
+            url = f"http://127.0.0.1:{port}"
             deadline = time.time() + timeout
             while time.time() < deadline:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    time.sleep(0.5)
+                if healthy(url):
+                    break
+                time.sleep(0.5)
             else:
                 raise RuntimeError(f"streamlit did not start; see {log}")
-            yield f"http://127.0.0.1:{port}"
+            yield Server(url, proc.pid, log)
         finally:
             proc.terminate()
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@contextlib.contextmanager
+def streamlit_server(model: str, timeout: float = 90.0, streamlit_run: bool = False):
+    """Serve app.py as `make run` does (`python app.py`), or with plain `streamlit run app.py`; yields its URL."""
+    with app_server(model, timeout, streamlit_run) as server:
+        yield server.url
+
+
+def healthy(url: str) -> bool:
+    """The server answers its health check."""
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory in bytes of a process and all its children (job workers, if any)."""
+    import psutil
+
+    total = 0
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for each in procs:
+        try:
+            total += each.memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return total
 
 
 @contextlib.contextmanager
@@ -85,3 +126,22 @@ def wait_idle(page, timeout_ms: int = 180_000) -> None:
     page.wait_for_timeout(500)
     page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=timeout_ms)
     page.wait_for_timeout(300)
+
+
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+
+
+async def settle(page, ready: str, timeout_ms: int = 240_000) -> None:
+    """Async Playwright: wait until ``ready`` (a selector) is visible and the script is not running, and still
+    so half a second later (a rerun that starts right after the first look, e.g. after a query-param write, is
+    waited for too)."""
+    deadline = time.monotonic() + timeout_ms / 1000
+    while True:
+        left = max(1, int((deadline - time.monotonic()) * 1000))
+        await page.wait_for_selector(ready, state="visible", timeout=left)
+        await page.wait_for_selector(IDLE, timeout=left)
+        await page.wait_for_timeout(500)
+        if await page.locator(IDLE).count() and await page.locator(ready).count():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the page did not settle on {ready!r} within {timeout_ms} ms")
