@@ -136,6 +136,11 @@ def explanation_block(feature: int, words: pd.DataFrame, path: str) -> None:
     cols[1].metric("Fuzzing", score_text(r["fuzzing"], None), help=(
         f"Balanced accuracy of the scorer picking the truly activating tokens from randomly marked ones: "
         f"{score_text(r['fuzzing'], r['fuzzing_n'])}. 0.5 is chance, 1 perfect."))
+    aucs = [f"{name} {float(r[f'{name}_auc']):.2f}" for name in ("detection", "fuzzing")
+            if not pd.isna(r.get(f"{name}_auc"))]
+    if aucs:
+        notes.append("ROC AUC of the scorer's yes-minus-no logit: " + ", ".join(aucs) + " (0.5 is chance; does not "
+                     "depend on where the scorer puts its threshold)")
     cols[2].caption(" · ".join(notes))
 
 

@@ -100,7 +100,8 @@ def feature_map_figure(coords: pd.DataFrame, color: Sequence[float], color_title
 
 
 # --- words next to feature ids: cheap labels, explanations and their scores ---------------------------
-SCORE_COLUMNS = ("explanation", "explainer", "detection", "detection_n", "fuzzing", "fuzzing_n", "scored_by")
+SCORE_COLUMNS = ("explanation", "explainer", "detection", "detection_n", "fuzzing", "fuzzing_n", "scored_by",
+                 "detection_auc", "fuzzing_auc")
 
 
 def feature_name(feature: int, label: str | None = "", limit: int = 48) -> str:
@@ -127,16 +128,18 @@ def feature_words(explanations: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFr
     name is then in ``scored_by``; the scored explanation stands in when the feature has no explanation)."""
     shown = explanations[["feature", "explanation", "explainer"]].astype({"feature": int})
     ok = scores[scores["error"].fillna("") == ""].astype({"feature": int})
+    ok = ok.assign(**{c: ok[c] if c in ok else float("nan") for c in ("detection_auc", "fuzzing_auc")})
     pairs = set(zip(shown["feature"], shown["explainer"]))
     ok = ok.assign(_same=[(f, e) in pairs for f, e in zip(ok["feature"], ok["explainer"])])
     ok = ok.sort_values(["feature", "_same", "time"], kind="stable").groupby("feature", as_index=False).tail(1)
-    best = ok[["feature", "explainer", "explanation", "detection", "detection_n", "fuzzing", "fuzzing_n"]].rename(
+    best = ok[["feature", "explainer", "explanation", "detection", "detection_n", "fuzzing", "fuzzing_n",
+               "detection_auc", "fuzzing_auc"]].rename(
         columns={"explainer": "scored_by", "explanation": "scored_text"})
     out = shown.merge(best, on="feature", how="outer")
     out["explanation"] = out["explanation"].fillna(out["scored_text"]).fillna("")
     out["explainer"] = out["explainer"].fillna(out["scored_by"]).fillna("")
     out["scored_by"] = out["scored_by"].fillna("")
-    for column in ("detection", "detection_n", "fuzzing", "fuzzing_n"):
+    for column in ("detection", "detection_n", "fuzzing", "fuzzing_n", "detection_auc", "fuzzing_auc"):
         out[column] = pd.to_numeric(out[column], errors="coerce")
     return out[["feature", *SCORE_COLUMNS]].sort_values("feature").reset_index(drop=True)
 

@@ -49,7 +49,8 @@ def explained(ai_cache):
     pd.DataFrame({"feature": [good, poor], "explainer": ["local:test"] * 2, "scorer": ["local:test"] * 2,
                   "explanation": ["volcanoes erupting lava", "the letter q"], "detection": [0.9, 0.4],
                   "detection_n": [20, 20], "fuzzing": [0.75, 0.5], "fuzzing_n": [16, 16], "invalid": [0, 0],
-                  "prompt_hash": ["h", "h"], "time": ["2026-01-01T00:00:01Z"] * 2, "error": ["", ""]}
+                  "prompt_hash": ["h", "h"], "time": ["2026-01-01T00:00:01Z"] * 2, "error": ["", ""],
+                  "detection_auc": [0.8, float("nan")], "fuzzing_auc": [0.625, float("nan")]}
                  ).to_parquet(folder / "scores.parquet", index=False)
     yield good, poor
     for name in ("explanations.parquet", "scores.parquet"):
@@ -113,6 +114,7 @@ def test_explanations_scores_and_the_min_detection_filter(ai_cache, explained):
     assert metrics["Detection"] == "0.90" and metrics["Fuzzing"] == "0.75"
     captions = " ".join(c.value for c in at.caption)
     assert "local:test" in captions and "detection 20 trials" in captions and "fuzzing 16 trials" in captions
+    assert "ROC AUC of the scorer's yes-minus-no logit: detection 0.80, fuzzing 0.62" in captions
     table = at.dataframe(key="features_table").value
     assert {"explanation", "detection", "fuzzing"} <= set(table.columns)
     row = table.set_index("feature").loc[good]
@@ -127,6 +129,7 @@ def test_explanations_scores_and_the_min_detection_filter(ai_cache, explained):
     # the poorly explained feature's page
     at.number_input(key="feature_id").set_value(poor).run()
     assert {m.label: m.value for m in at.metric}["Detection"] == "0.40"
+    assert "ROC AUC" not in " ".join(c.value for c in at.caption)  # an endpoint's scores have no grade
     assert not at.exception and not at.error
 
 
