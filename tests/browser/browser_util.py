@@ -145,3 +145,14 @@ async def settle(page, ready: str, timeout_ms: int = 240_000) -> None:
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"the page did not settle on {ready!r} within {timeout_ms} ms")
+
+
+def feature_dashboard(cache: Path) -> tuple[Path, int]:
+    """The page tests' tiny feature build under ``cache`` (tests/app/test_features_page.py) and its most frequent
+    live feature: ``(dashboard folder, feature id)``."""
+    from engine.features.read import Dashboard
+    from tests.app.test_features_page import build_feature_fixture
+
+    _, out = build_feature_fixture(cache)
+    live = Dashboard.open(out).query("SELECT feature FROM features WHERE NOT dead ORDER BY count DESC LIMIT 1")
+    return out, int(live.iloc[0, 0])

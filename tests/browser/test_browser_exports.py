@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from browser_util import OUTPUT, browser_page, require_browser, streamlit_server, wait_idle
+from browser_util import OUTPUT, browser_page, feature_dashboard, require_browser, streamlit_server, wait_idle
 
 pytestmark = [pytest.mark.browser]
 
@@ -13,13 +13,8 @@ pytestmark = [pytest.mark.browser]
 @pytest.fixture(scope="module")
 def fixture_dashboard(tmp_path_factory):
     require_browser()
-    from engine.features.read import Dashboard
-    from tests.app.test_features_page import build_feature_fixture
-
     cache = tmp_path_factory.mktemp("cache")
-    _, out = build_feature_fixture(cache)
-    dash = Dashboard.open(out)
-    live = int(dash.query("SELECT feature FROM features WHERE NOT dead ORDER BY count DESC LIMIT 1").iloc[0, 0])
+    out, live = feature_dashboard(cache)
     return cache, out.name, live
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from browser_util import OUTPUT, browser_page, require_browser, streamlit_server, wait_idle
+from browser_util import OUTPUT, browser_page, feature_dashboard, require_browser, streamlit_server, wait_idle
 
 pytestmark = [pytest.mark.browser]
 
@@ -13,12 +13,9 @@ pytestmark = [pytest.mark.browser]
 def test_feature_page_by_link(tmp_path, monkeypatch):
     require_browser()
     from engine.features.read import Dashboard
-    from tests.app.test_features_page import build_feature_fixture
 
     cache = tmp_path / "cache"
-    _, out = build_feature_fixture(cache)
-    dash = Dashboard.open(out)
-    live = int(dash.query("SELECT feature FROM features WHERE NOT dead ORDER BY count DESC LIMIT 1").iloc[0, 0])
+    out, live = feature_dashboard(cache)
     monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(cache))  # the server inherits it
     with streamlit_server("tiny:llama") as url, browser_page() as page:
         # a deep link is the very first request of a fresh server: no "Page not found" flash
@@ -31,7 +28,7 @@ def test_feature_page_by_link(tmp_path, monkeypatch):
         token = page.locator(".le-tok").first
         assert ":" in (token.get_attribute("title") or "")  # hover shows the activation value
         assert page.locator("[data-testid='stException']").count() == 0
-        partners = dash.feature(live)["cooccurring"]
+        partners = Dashboard.open(out).feature(live)["cooccurring"]
         assert len(partners)  # the co-occurring features are buttons that open their pages
         page.get_by_text("Fires together with").first.wait_for(timeout=30_000)
         other = int(partners["other"].iloc[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlencode
 
 import pytest
-from browser_util import OUTPUT, browser_page, require_browser, streamlit_server, wait_idle
+from browser_util import OUTPUT, browser_page, feature_dashboard, require_browser, streamlit_server, wait_idle
 
 pytestmark = [pytest.mark.browser]
 TEXTS = "els => els.map(e => e.textContent)"
@@ -13,13 +13,8 @@ TEXTS = "els => els.map(e => e.textContent)"
 
 def test_a_lens_link_draws_the_feature_over_the_lens(tmp_path, monkeypatch):
     require_browser()
-    from engine.features.read import Dashboard
-    from tests.app.test_features_page import build_feature_fixture
-
     cache = tmp_path / "cache"
-    _, out = build_feature_fixture(cache)
-    dash = Dashboard.open(out)
-    live = int(dash.query("SELECT feature FROM features WHERE NOT dead ORDER BY count DESC LIMIT 1").iloc[0, 0])
+    out, live = feature_dashboard(cache)
     monkeypatch.setenv("LATENT_EXPLORER_CACHE", str(cache))  # the server inherits it
     view = {"model": "tiny:llama", "lens_prompt": "the quick brown fox", "lens_feature": f"{out.name}:{live}"}
     with streamlit_server("tiny:llama") as url, browser_page(height=1900) as page:
