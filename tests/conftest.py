@@ -60,3 +60,25 @@ def tiny_llama(tokenizer):
 
     model, tok = build_tiny("llama", tokenizer)
     return from_model(model, tok, name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def gemma_dashboard() -> str:
+    """A complete feature dashboard for Gemma 3 270M in the cache: the one already there, else the first-run demo's
+    (capture, a small TopK SAE on the middle layer, its dashboards; about a minute and a half on 2 CPU cores without
+    the report card), built through the CLI as a user would, into the same cache the app reads. For tests on the
+    real model that need features (the "One feature, end to end" tour)."""
+    import subprocess
+
+    from engine.features.read import list_dashboards
+
+    def found() -> list[dict]:
+        return [e for e in list_dashboards() if e["manifest"].get("model") == "gemma-3-270m"]
+
+    if not found():
+        done = subprocess.run([sys.executable, "-m", "engine", "sae", "demo", "--dashboards", "--no-eval"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    entries = found()
+    assert entries, "the demo built no dashboard for gemma-3-270m"
+    return entries[0]["path"]
