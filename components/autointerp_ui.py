@@ -127,7 +127,8 @@ def explanation_block(feature: int, words: pd.DataFrame, path: str) -> None:
     notes += [f"{name} {int(n)} trials" for name, n in (("detection", r["detection_n"]), ("fuzzing", r["fuzzing_n"]))
               if has_scores and not pd.isna(n)]
     if not has_scores:
-        st.caption(" · ".join(notes + ["not scored yet"]))
+        reason = str(r.get("score_error") or "").strip()
+        st.caption(" · ".join(notes + [f"not scored: {_escape(reason)}" if reason else "not scored yet"]))
         return
     cols = st.columns(4)
     cols[0].metric("Detection", score_text(r["detection"], None), help=(

@@ -101,7 +101,7 @@ def feature_map_figure(coords: pd.DataFrame, color: Sequence[float], color_title
 
 # --- words next to feature ids: cheap labels, explanations and their scores ---------------------------
 SCORE_COLUMNS = ("explanation", "explainer", "detection", "detection_n", "fuzzing", "fuzzing_n", "scored_by",
-                 "detection_auc", "fuzzing_auc")
+                 "detection_auc", "fuzzing_auc", "score_error")
 
 
 def feature_name(feature: int, label: str | None = "", limit: int = 48) -> str:
@@ -125,9 +125,13 @@ def short_label(label: str | None, act_tokens: str | None = None, limit: int = 1
 def feature_words(explanations: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     """One row per explained or scored feature, columns ``feature`` + :data:`SCORE_COLUMNS`: its newest
     explanation, and the newest successful scores of that explanation's explainer (else of any explainer, whose
-    name is then in ``scored_by``; the scored explanation stands in when the feature has no explanation)."""
+    name is then in ``scored_by``; the scored explanation stands in when the feature has no explanation).
+    ``score_error`` is the newest failed scoring's reason for a feature with no successful score, else ""."""
     shown = explanations[["feature", "explanation", "explainer"]].astype({"feature": int})
-    ok = scores[scores["error"].fillna("") == ""].astype({"feature": int})
+    failed = scores["error"].fillna("") != ""
+    ok = scores[~failed].astype({"feature": int})
+    reasons = (scores[failed].astype({"feature": int}).sort_values(["feature", "time"], kind="stable")
+               .groupby("feature", as_index=False).tail(1)[["feature", "error"]].rename(columns={"error": "score_error"}))
     ok = ok.assign(**{c: ok[c] if c in ok else float("nan") for c in ("detection_auc", "fuzzing_auc")})
     pairs = set(zip(shown["feature"], shown["explainer"]))
     ok = ok.assign(_same=[(f, e) in pairs for f, e in zip(ok["feature"], ok["explainer"])])
@@ -135,7 +139,8 @@ def feature_words(explanations: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFr
     best = ok[["feature", "explainer", "explanation", "detection", "detection_n", "fuzzing", "fuzzing_n",
                "detection_auc", "fuzzing_auc"]].rename(
         columns={"explainer": "scored_by", "explanation": "scored_text"})
-    out = shown.merge(best, on="feature", how="outer")
+    out = shown.merge(best, on="feature", how="outer").merge(reasons, on="feature", how="left")
+    out["score_error"] = out["score_error"].where(out["detection"].isna() & out["fuzzing"].isna(), "").fillna("")
     out["explanation"] = out["explanation"].fillna(out["scored_text"]).fillna("")
     out["explainer"] = out["explainer"].fillna(out["scored_by"]).fillna("")
     out["scored_by"] = out["scored_by"].fillna("")

@@ -133,6 +133,26 @@ def test_explanations_scores_and_the_min_detection_filter(ai_cache, explained):
     assert not at.exception and not at.error
 
 
+def test_a_failed_score_shows_its_reason(ai_cache, explained):
+    """A feature whose scoring failed (here: too few contexts to hold out) says why, not "not scored yet"; a newer
+    successful score of another feature is unaffected."""
+    good, poor = explained
+    scores = _folder(ai_cache) / "scores.parquet"
+    table = pd.read_parquet(scores)
+    failed = table[table["feature"] == poor].assign(
+        detection=float("nan"), detection_n=0, fuzzing=float("nan"), fuzzing_n=0, detection_auc=float("nan"),
+        fuzzing_auc=float("nan"), error="No held-out activating contexts: the feature fired on too few contexts.")
+    table[table["feature"] != poor].pipe(lambda kept: pd.concat([kept, failed])).to_parquet(scores, index=False)
+    at = _open({"sae": "tiny-sae", "feature": str(poor)})
+    captions = " ".join(c.value for c in at.caption)
+    assert "not scored: No held-out activating contexts" in captions and "not scored yet" not in captions
+    assert not {"Detection", "Fuzzing"} & {m.label for m in at.metric}  # no score tiles for a failed score
+    at.number_input(key="feature_id").set_value(good).run()
+    assert {m.label: m.value for m in at.metric}["Detection"] == "0.90"
+    assert "not scored" not in " ".join(c.value for c in at.caption)
+    assert not at.exception and not at.error
+
+
 def test_search_by_a_label_word_and_an_explanation_word(ai_cache, explained):
     good, _ = explained
     at = _open()
