@@ -8,11 +8,10 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from browser_util import OUTPUT, ROOT, browser_page, require_browser, wait_idle
+from browser_util import OUTPUT, ROOT, browser_page, healthy, require_browser, wait_idle
 
 pytestmark = [pytest.mark.browser]
 
@@ -43,7 +42,7 @@ def served(model: str = "tiny:llama", env: dict | None = None, timeout: float = 
                                 stdout=log_file, stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + timeout
-            while not _healthy(f"http://127.0.0.1:{port}"):
+            while not healthy(f"http://127.0.0.1:{port}"):
                 if time.time() > deadline or proc.poll() is not None:
                     raise RuntimeError(f"streamlit did not start; see {log}")
                 time.sleep(0.5)
@@ -54,14 +53,6 @@ def served(model: str = "tiny:llama", env: dict | None = None, timeout: float = 
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def listening_addresses(pid: int) -> set[str]:
@@ -105,7 +96,7 @@ def test_bad_corpus_message_and_server_survives(tmp_path):
         assert page.locator("[data-testid='stException']").count() == 0
         assert main.get_by_text(re.compile(r"Job `capture-")).count() == 0
         page.screenshot(path=str(OUTPUT / "serving-bad-corpus.png"), full_page=True)
-        assert proc.poll() is None and _healthy(url)
+        assert proc.poll() is None and healthy(url)
         page.goto(f"{url}/lens-view")  # a second page load works
         wait_idle(page)
         page.wait_for_selector(".js-plotly-plot .heatmaplayer", timeout=60_000)
