@@ -65,8 +65,8 @@ def tiny_llama(tokenizer):
 @pytest.fixture(scope="session")
 def gemma_dashboard() -> str:
     """A complete feature dashboard for Gemma 3 270M in the cache: the one already there, else the first-run demo's
-    (capture, a small TopK SAE on the middle layer, its dashboards; about a minute and a half on 2 CPU cores without
-    the report card), built through the CLI as a user would, into the same cache the app reads. For tests on the
+    (capture, a small TopK SAE on the middle layer, its dashboards; 71 s on a quiet 2-core machine without the
+    report card), built through the CLI as a user would, into the same cache the app reads. For tests on the
     real model that need features (the "One feature, end to end" tour)."""
     import subprocess
 

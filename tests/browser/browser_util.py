@@ -120,15 +120,15 @@ def browser_page(width: int = 1500, height: int = 2200):
             browser.close()
 
 
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"  # the page's script is not running
+
+
 def wait_idle(page, timeout_ms: int = 180_000) -> None:
     """Wait until the script has finished running (and has started at least once)."""
     page.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
     page.wait_for_timeout(500)
-    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=timeout_ms)
+    page.wait_for_selector(IDLE, timeout=timeout_ms)
     page.wait_for_timeout(300)
-
-
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 
 
 async def settle(page, ready: str, timeout_ms: int = 240_000) -> None:

@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-from browser_util import browser_page, require_browser, streamlit_server, wait_idle
+from browser_util import IDLE, browser_page, require_browser, streamlit_server, wait_idle
 
 pytestmark = [pytest.mark.browser, pytest.mark.real_model, pytest.mark.slow]
 
 MODEL = "gemma-3-270m"
 SHOTS = Path(os.environ.get("TOUR_SHOTS", "/tmp/tour-shots"))
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 NUM = r"(-?\d+(?:\.\d+)?|nan|inf)"
 # where each step shows its measured figure: the days' and months' circular-order scores
 STEP_FIGURES = {
